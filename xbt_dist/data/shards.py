@@ -24,7 +24,8 @@ from collections import Counter
 from typing import Any, Iterator
 
 import fsspec
-from webdataset.tariterators import base_plus_ext, braceexpand
+from braceexpand import braceexpand
+from webdataset.tariterators import base_plus_ext
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +142,9 @@ def write_sizes(directory: str | os.PathLike, sizes: dict[str, int]) -> None:
 def iter_raw_samples(shard: str, stats: Counter | None = None) -> Iterator[dict[str, Any]]:
     """Yield webdataset-style sample dicts (`__key__`, `__url__`, ext -> bytes) from one tar.
 
-    A truncated or corrupt tar ends the shard early: samples fully read before the damage are
-    kept, the partial last sample is dropped, `stats["truncated_shard"]` is incremented and a
-    warning names the shard. Members without an extension (or hidden `._` files) are ignored.
+    A truncated or corrupt tar ends the shard early: samples read before the damage are kept
+    (like webdataset, the last one is kept too; if it lost members, decoding rejects it),
+    `stats["truncated_shard"]` is incremented and a warning names the shard. Members without an extension (or hidden `._` files) are ignored.
     """
     current: dict[str, Any] | None = None
     try:
@@ -169,7 +170,6 @@ def iter_raw_samples(shard: str, stats: Counter | None = None) -> Iterator[dict[
             stats["truncated_shard"] += 1
         log.warning("truncated or corrupt shard %s after key %s (%s: %s); rest of shard skipped",
                     shard, current["__key__"] if current else None, type(e).__name__, e)
-        return  # the partial sample in `current` may be missing members: drop it
     if current is not None:
         yield current
 

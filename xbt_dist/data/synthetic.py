@@ -66,3 +66,16 @@ def write_text_shards(directory: str | os.PathLike, n_shards: int = 2, per_shard
                 w.write({"__key__": key, "txt": f"caption number {key}"})
         paths.append(str(path))
     return paths
+
+
+def write_bad_shard(path: str | os.PathLike) -> str:
+    """One shard of 4 samples for robustness tests: `bad0` good, `bad1` corrupt jpg bytes,
+    `bad2` without caption, `bad3` good."""
+    path = Path(path)
+    jpg = jpeg_bytes(np.random.default_rng(0))
+    with wds.TarWriter(str(path)) as w:
+        w.write({"__key__": "bad0", "jpg": jpg, "txt": "ok"})
+        w.write({"__key__": "bad1", "jpg": b"\xff\xd8not a jpeg", "txt": "corrupt image"})
+        w.write({"__key__": "bad2", "jpg": jpg})
+        w.write({"__key__": "bad3", "jpg": jpg, "txt": "ok too"})
+    return str(path)
