@@ -119,13 +119,13 @@ def scan_shard(path: str | os.PathLike, kind: str, decode: bool = True,
                 if not member.isfile():
                     continue
                 k, ext = split_key(member.name)
+                if key is not None and k != key:
+                    finish()  # before reading on: the previous sample is whole even if this one is cut
+                    fields = {}
+                key = k
                 data = tf.extractfile(member).read()
                 if len(data) != member.size:
                     raise tarfile.ReadError(f"member {member.name} cut after {len(data)} of {member.size} bytes")
-                if key is not None and k != key:
-                    finish()
-                    fields = {}
-                key = k
                 fields[ext] = data
             end = tf.offset
             size = raw.seek(0, os.SEEK_END)
