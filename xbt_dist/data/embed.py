@@ -76,7 +76,6 @@ def _as_encoder(value: Any, device: str | None) -> Any:
 def resolve_encoders(encoders: dict[str, Any], fields: Sequence[str], device: str | None = None
                      ) -> dict[str, Callable[[list], np.ndarray]]:
     """Map each field to a function over a list of inputs (PIL images or captions)."""
-    resolved: dict[str, Any] = {}
     cache: dict[str, Any] = {}
     out = {}
     for field in fields:
@@ -96,7 +95,6 @@ def resolve_encoders(encoders: dict[str, Any], fields: Sequence[str], device: st
             raise TypeError(f"encoder {key!r} must be an Encoder, a ClipBundle, a ModelRef, or "
                             f"(keyed by field name) a callable; got {type(enc).__name__}")
         out[field] = enc.encode_images if modality == "image" else enc.encode_texts
-        resolved[key] = enc
     return out
 
 
@@ -206,7 +204,7 @@ def embed_shards(src, out_dir, encoders: dict[str, Any], fields: Sequence[str],
         if fns is None:
             fns = resolve_encoders(encoders, fields, device)
         keys, arrays = embed_one_shard(shard, fns, fields, batch_size, stats)
-        if not keys:
+        if not keys:  # all samples bad: an empty shard keeps the set complete (d unknown -> 1)
             arrays = {f: np.zeros((0, 1), np.float32) for f in fields}
         write_embedding_shard(out_dir, name, keys, arrays)
         written += 1

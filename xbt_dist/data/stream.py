@@ -302,6 +302,7 @@ class SampleStream:
         self._consumed = [0] * max(1, self.num_workers)
 
     def __iter__(self) -> Iterator[dict]:
+        """One epoch of batches. Breaking out and iterating again continues the same epoch."""
         ds = self.dataset
         ds.epoch = self.epoch
         ds.start = list(self._consumed) if any(self._consumed) else []
