@@ -214,3 +214,23 @@ def test_zeroshot_from_folder_and_mapping(tmp_path):
         build_zeroshot_set(root, tmp_path / "zs3", class_names=tmp_path / "three.txt")
     with pytest.raises(ValueError, match="templates must contain"):
         build_zeroshot_set(root, tmp_path / "zs4", templates=["a photo"])
+
+
+# ---------------------------------------------------------------- CLI wiring
+
+def test_add_prep_parser_registers_all_subcommands(tmp_path, capsys):
+    import argparse
+
+    from xbt_dist.prep.cli import add_prep_parser
+
+    ap = argparse.ArgumentParser(prog="xbt")
+    add_prep_parser(ap.add_subparsers(dest="cmd", required=True))
+    for cmd in ("images", "text", "evalset", "zeroshot", "validate"):
+        with pytest.raises(SystemExit) as e:
+            ap.parse_args(["prep", cmd, "--help"])
+        assert e.value.code == 0
+    args = ap.parse_args(["prep", "images", "u.parquet", "out", "--preset", "laion400m", "--thread-count", "8"])
+    assert args.func.__name__ == "_images" and args.thread_count == 8 and args.image_size is None
+    # input errors: one line naming the problem, exit 2, no traceback
+    assert prep_main(["validate", str(tmp_path / "nope")]) == 2
+    assert "not a directory" in capsys.readouterr().err

@@ -124,6 +124,11 @@ def add_prep_parser(subparsers) -> argparse.ArgumentParser:
     """Register `prep` and its sub-subcommands on an argparse subparsers object."""
     prep = subparsers.add_parser("prep", help="data preparation: shards, text corpora, eval sets, validation",
                                  description="Data preparation (see docs/data.md).")
+    _fill_prep_parser(prep)
+    return prep
+
+
+def _fill_prep_parser(prep: argparse.ArgumentParser) -> None:
     sub = prep.add_subparsers(dest="prep_command", required=True, metavar="{images,text,evalset,zeroshot,validate}")
     _add_images(sub)
 
@@ -163,11 +168,15 @@ def add_prep_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="report only; write nothing")
     p.add_argument("--strict", action="store_true", help="exit 1 if any problem is found")
     p.set_defaults(func=_validate)
-    return prep
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m xbt_dist.prep")
-    add_prep_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["prep", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
+    """Standalone entry (`python -m xbt_dist.prep`); input errors print one line, exit 2."""
+    parser = argparse.ArgumentParser(prog="xbt prep", description="Data preparation (see docs/data.md).")
+    _fill_prep_parser(parser)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"xbt prep {args.prep_command}: error: {e}", file=sys.stderr)
+        return 2
