@@ -73,3 +73,18 @@ def test_bad_samples_skipped_and_counted(tmp_path, caplog):
     assert keys == ["bad0", "bad3", "00000000", "00000001"]
     assert stats == Counter(bad_image=1, missing_caption=1, truncated_shard=1)
     assert "bad1" in caplog.text and "a-000.tar" in caplog.text and "a-001.tar" in caplog.text
+
+
+def test_fsspec_url_shard_set(tmp_path):
+    import fsspec
+    from xbt_dist.data.stream import SampleStream
+    fs = fsspec.filesystem("memory")
+    for p in write_image_text_shards(tmp_path, n_shards=2, per_shard=3):
+        fs.put(p, f"xbt-data-test/set/{p.rsplit('/', 1)[1]}")
+    url = "memory://xbt-data-test/set"
+    assert [s.rsplit("/", 1)[1] for s in list_shards(url)] == ["shard-000.tar", "shard-001.tar"]
+    assert len(list_shards(url + "/shard-{000..001}.tar")) == 2
+    assert len(list(iter_image_text(url))) == 6
+    assert sum(len(b["keys"]) for b in SampleStream(url, batch_size=4)) == 6
+    with pytest.raises(ShardError, match="shard-002.tar"):
+        list_shards(url + "/shard-{000..002}.tar")

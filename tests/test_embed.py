@@ -126,3 +126,10 @@ def test_embed_with_model_ref_via_load_clip(tmp_path):
     emb = EmbeddingShardSet(tmp_path / "e", require_complete=True)
     assert r["samples"] == 3 and emb.dims == {"image_old": 16, "text_old": 16}
     assert emb.manifest["inputs"]["models"]["old"]["arch"] == "xbt-data-ref"
+
+
+def test_all_bad_shard_keeps_set_readable(tmp_path):
+    write_embedding_shard(tmp_path, "a-000", [], {"text_old": np.zeros((0, 1))})
+    write_embedding_shard(tmp_path, "a-001", ["k"], {"text_old": np.ones((1, 5))})
+    emb = EmbeddingShardSet(tmp_path)
+    assert emb.dims == {"text_old": 5} and emb.load("text_old").shape == (1, 5)

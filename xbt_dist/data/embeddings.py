@@ -110,9 +110,13 @@ class EmbeddingShardSet:
             read_manifest(self.dir)  # raises with the standard "not finished, rerun" message
         if self.manifest and "dims" in self.manifest:
             self.dims = {k: int(v) for k, v in self.manifest["dims"].items()}
-        else:
-            with np.load(self.dir / f"{self.shard_names[0]}.npz", allow_pickle=False) as z:
-                self.dims = {k: int(z[k].shape[1]) for k in z.files if k != "keys"}
+        else:  # from the first non-empty shard (a shard whose samples were all bad has d=1)
+            self.dims = {}
+            for name in self.shard_names:
+                with np.load(self.dir / f"{name}.npz", allow_pickle=False) as z:
+                    self.dims = {k: int(z[k].shape[1]) for k in z.files if k != "keys"}
+                    if z["keys"].shape[0]:
+                        break
         self.fields = sorted(self.dims)
 
     def __len__(self) -> int:
@@ -140,7 +144,10 @@ class EmbeddingShardSet:
         parts = []
         for name in self.shard_names:
             with np.load(self.dir / f"{name}.npz", allow_pickle=False) as z:
-                parts.append(z[field])
+                if z["keys"].shape[0]:
+                    parts.append(z[field])
+        if not parts:
+            return np.zeros((0, self.dims[field]), np.float16)
         return np.concatenate(parts, axis=0)
 
     def keys(self) -> list[str]:
