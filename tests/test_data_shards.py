@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from xbt_dist.data.shards import (ShardError, iter_image_text, iter_raw_samples, iter_text,
+from xbt_dist.data.shards import (ShardError, iter_image_text, iter_text,
                                   list_shards, shard_sizes)
 from xbt_dist.data.synthetic import write_bad_shard, write_image_text_shards, write_text_shards
 
