@@ -1,8 +1,30 @@
-"""Typed, validated configuration (work in progress: extended by the integrator)."""
+"""Typed, validated run configuration: one dataclass per component, loaded from YAML recipes.
+
+A recipe is a YAML file whose top-level keys are the fields of `RunConfig`. Unknown keys and bad
+values fail at load time with the dotted field name (`train.lr`), the bad value and a hint, so a
+typo in a 500-GPU-hour job fails in the first second instead of being silently ignored.
+Overrides use the same dotted names: `--set train.lr=3e-4 dist.workers=2`.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names the field and the fix."""
+
+
+def _check(cond: bool, name: str, value: Any, expected: str) -> None:
+    if not cond:
+        raise ConfigError(f"{name}={value!r} is invalid: expected {expected}")
 
 
 @dataclass
@@ -13,5 +35,296 @@ class ModelRef:
     config_dir: str | None = None   # directory of extra open_clip JSON architecture configs
 
     def __post_init__(self):
-        if not isinstance(self.arch, str) or not self.arch:
-            raise ValueError(f"model.arch must be a non-empty architecture name, got {self.arch!r}")
+        _check(isinstance(self.arch, str) and bool(self.arch), "model.arch", self.arch,
+               "an open_clip architecture name such as 'ViT-B-32'")
+
+
+@dataclass
+class PhiConfig:
+    """Shape of the projection phi: new embedding space -> old."""
+    hidden: int = 2048              # hidden width (paper: 2048)
+    depth: int = 3                  # number of Linear layers (paper: 3 -> 6.82M params for 768->512)
+
+    def __post_init__(self):
+        _check(self.hidden > 0, "phi.hidden", self.hidden, "a positive int")
+        _check(self.depth >= 1, "phi.depth", self.depth, "an int >= 1")
+
+
+@dataclass
+class LossConfig:
+    """Weights of the InfoNCE terms (0 switches a term off) and the temperature."""
+    image_to_old_text: float = 1.0   # L(phi(v_bar), w_old): image query vs old text gallery
+    text_to_old_image: float = 1.0   # L(phi(w_bar), v_old): text query vs old image gallery
+    new_new: float = 1.0             # L(phi(v_bar), phi(w_bar)): keeps new-to-new alignment
+    text_to_old_text: float = 0.0    # L(phi(w_bar), w_old): intra-modal, off by default
+    image_to_old_image: float = 0.0  # L(phi(v_bar), v_old): intra-modal, off by default
+    temperature: float = 0.07        # initial softmax temperature
+    learn_temperature: bool = True   # train log(1/temperature) like CLIP's logit_scale
+
+    def __post_init__(self):
+        for name in self.weights():
+            _check(getattr(self, name) >= 0, f"loss.{name}", getattr(self, name), "a weight >= 0")
+        _check(self.temperature > 0, "loss.temperature", self.temperature, "a float > 0")
+
+    def weights(self) -> dict[str, float]:
+        return {k: getattr(self, k) for k in ("image_to_old_text", "text_to_old_image", "new_new",
+                                              "text_to_old_text", "image_to_old_image")}
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and schedule (AdamW, linear warmup then cosine)."""
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    grad_clip: float = 1.0           # max global grad norm; 0 disables
+    grad_accum: int = 1              # micro-batches per optimiser step
+
+    def __post_init__(self):
+        _check(self.lr > 0, "optim.lr", self.lr, "a float > 0")
+        _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "a float >= 0")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "an int >= 0")
+        _check(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, "a float >= 0")
+        _check(self.grad_accum >= 1, "optim.grad_accum", self.grad_accum, "an int >= 1")
+
+
+@dataclass
+class Stage1Config:
+    """Stage 1: text-only pretraining of phi."""
+    source: str = "embeddings"       # "embeddings": precomputed (w_new, w_old) shards; "text": run both text encoders
+    text_shards: str | None = None   # text shard set (source="text", or input of `xbt embed`)
+    embeddings: str | None = None    # embedding shard set with text_new/text_old (source="embeddings")
+    epochs: float = 3.0
+    batch_size: int = 512            # global batch size
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=20))
+    temperature: float = 0.05
+
+    def __post_init__(self):
+        _check(self.source in ("embeddings", "text"), "stage1.source", self.source, "'embeddings' or 'text'")
+        _check(self.epochs > 0, "stage1.epochs", self.epochs, "a number > 0")
+        _check(self.batch_size > 0, "stage1.batch_size", self.batch_size, "a positive int")
+
+
+METHODS = ("xbt", "lora_only", "base", "full_tune")
+TARGET_SOURCES = ("precomputed", "old_model", "synthetic")
+
+
+@dataclass
+class TrainConfig:
+    """Stage 2 (XBT) training."""
+    method: str = "xbt"              # xbt | lora_only | base | full_tune (paper Table 6 rows)
+    target_source: str = "precomputed"  # precomputed | old_model | synthetic (DESIGN.md section 3)
+    train_shards: str | None = None  # image-text shard set
+    targets: str | None = None       # embedding shard set with image_old/text_old (precomputed)
+    phi_init: str = "stage1"         # "stage1": start from the stage-1 phi; "random"
+    epochs: float = 2.0
+    max_steps: int = 0               # stop after this many optimiser steps (0: use epochs)
+    batch_size: int = 128            # global batch size (split over workers)
+    num_workers: int = 1             # DataLoader workers per training worker
+    shuffle_buffer: int = 1000
+    resampled: bool = False          # LAION-style: draw shards with replacement, endless stream
+    samples_per_epoch: int = 0       # with resampled=True: samples that make one epoch
+    seed: int = 0
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3))
+    checkpoint_every: int = 0        # optimiser steps between checkpoints (0: only at the end)
+    log_every: int = 10
+
+    def __post_init__(self):
+        _check(self.method in METHODS, "train.method", self.method, f"one of {METHODS}")
+        _check(self.target_source in TARGET_SOURCES, "train.target_source", self.target_source,
+               f"one of {TARGET_SOURCES}")
+        _check(self.phi_init in ("stage1", "random"), "train.phi_init", self.phi_init, "'stage1' or 'random'")
+        _check(self.epochs > 0, "train.epochs", self.epochs, "a number > 0")
+        _check(self.batch_size > 0, "train.batch_size", self.batch_size, "a positive int")
+        _check(self.max_steps >= 0, "train.max_steps", self.max_steps, "an int >= 0")
+        _check(self.num_workers >= 0, "train.num_workers", self.num_workers, "an int >= 0")
+
+
+@dataclass
+class DistConfig:
+    """How the stage runs: Ray Train workers, each wrapping the model in DeepSpeed."""
+    backend: str = "local"           # "local": this process, plain PyTorch; "ray": Ray Train + DeepSpeed
+    workers: int = 1                 # Ray Train workers
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    gpus_per_worker: float = 1.0
+    ray_address: str | None = None   # attach to this Ray cluster ("auto", "ip:port"); None: RAY_ADDRESS or local
+    zero_stage: int = 0              # DeepSpeed ZeRO stage 0-3
+    deepspeed_config: str | None = None  # a DeepSpeed JSON (cluster/deepspeed/); batch sizes are filled in
+    activation_checkpointing: bool = False  # recompute frozen tower activations in backward
+    max_failures: int = 0            # Ray FailureConfig: restarts from the latest checkpoint
+
+    def __post_init__(self):
+        _check(self.backend in ("local", "ray"), "dist.backend", self.backend, "'local' or 'ray'")
+        _check(self.workers >= 1, "dist.workers", self.workers, "an int >= 1")
+        _check(self.zero_stage in (0, 1, 2, 3), "dist.zero_stage", self.zero_stage, "0, 1, 2 or 3")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation sets and metrics."""
+    eval_shards: str | None = None   # multi-caption eval shard set
+    zeroshot_shards: str | None = None
+    ks: tuple[int, ...] = (1, 5, 10, 50)
+    criterion_ks: tuple[int, ...] = (1, 5)  # Recall@K that must satisfy XBT/old >= old/old
+    batch_size: int = 256
+    tsne_points: int = 300
+
+
+@dataclass
+class RunConfig:
+    """A whole run: models, method, data, training, distribution, evaluation."""
+    name: str = "run"
+    out_dir: str = "runs/run"        # local path or fsspec URL; stage outputs go below it
+    old: ModelRef = field(default_factory=lambda: ModelRef("ViT-B-32"))
+    new: ModelRef = field(default_factory=lambda: ModelRef("ViT-L-14"))
+    phi: PhiConfig = field(default_factory=PhiConfig)
+    adapters: Any = field(default_factory=lambda: _adapter_config_cls()())
+    loss: LossConfig = field(default_factory=LossConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def stage_dir(self, stage: str) -> str:
+        return f"{self.out_dir.rstrip('/')}/{stage}"
+
+
+def _adapter_config_cls():
+    # Imported lazily: the models package imports this module for ModelRef.
+    from xbt_dist.models.adapters import AdapterConfig
+    return AdapterConfig
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    if cls is RunConfig:
+        hints["adapters"] = _adapter_config_cls()
+    return hints
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Convert a YAML value to the field's declared type, or fail naming the field."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        _check(isinstance(value, dict), name, value, f"a mapping of {tp.__name__} fields")
+        return from_dict(tp, value, name)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], name)
+    if origin is tuple:
+        _check(isinstance(value, (list, tuple)), name, value, "a list")
+        return tuple(_coerce(v, args[0], name) for v in value)
+    if tp is bool:
+        _check(isinstance(value, bool), name, value, "true or false")
+        return value
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), name, value, "an int")
+        return value
+    if tp is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), name, value, "a number")
+        return float(value)
+    if tp is str:
+        _check(isinstance(value, str), name, value, "a string")
+        return value
+    return value
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass `cls` from a dict; unknown keys fail with a did-you-mean hint."""
+    types = _field_types(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in (data or {}).items():
+        dotted = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            nested = [f"{n}.{key}" for n in names if dataclasses.is_dataclass(types[n])
+                      and key in {f.name for f in dataclasses.fields(types[n])}]
+            if nested:
+                close = [f"{prefix}.{nested[0]}" if prefix else nested[0]]
+            hint = f" (did you mean '{close[0]}'?)" if close else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key '{dotted}'{hint}")
+        kwargs[key] = _coerce(value, types[key], dotted)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix or cls.__name__}: {e}") from e
+
+
+def to_dict(cfg) -> dict:
+    def conv(v):
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+    return conv(dataclasses.asdict(cfg))
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: '{k}' is not a section")
+    node[keys[-1]] = value
+
+
+def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
+    """Apply `key.sub=value` strings (values parsed as YAML: 3e-4, true, [1, 5], null)."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.lr=3e-4)")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw else ""
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads "3e-4" (no dot) as a string; users mean the number
+                value = float(value)
+            except ValueError:
+                pass
+        _set_dotted(data, key.strip(), value)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML recipe (optionally with `base: other.yaml`) and apply dotted overrides."""
+    data: dict = {}
+    if path is not None:
+        data = _read_yaml(Path(path))
+    apply_overrides(data, overrides)
+    return from_dict(RunConfig, data)
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found (recipes live in configs/, e.g. configs/toy.yaml)")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a YAML mapping of RunConfig sections")
+    base = data.pop("base", None)
+    if base:
+        merged = _read_yaml((path.parent / base).resolve())
+        _deep_update(merged, data)
+        data = merged
+    return data
+
+
+def _deep_update(dst: dict, src: dict) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _deep_update(dst[k], v)
+        else:
+            dst[k] = v
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny open_clip architectures with saved checkpoints and tiny shard sets."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+TINY_OLD = {"embed_dim": 16, "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+TINY_NEW = {"embed_dim": 24, "vision_cfg": {"image_size": 16, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+
+
+def write_tiny_models(root: Path) -> dict:
+    """Random-init tiny OLD/NEW open_clip models saved as local checkpoints (the real load path)."""
+    import open_clip
+    model_dir = root / "models"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    out = {"model_dir": str(model_dir)}
+    for role, arch_cfg in (("old", TINY_OLD), ("new", TINY_NEW)):
+        name = f"tiny-{role}"
+        (model_dir / f"{name}.json").write_text(json.dumps(arch_cfg))
+        open_clip.add_model_config(str(model_dir / f"{name}.json"))
+        torch.manual_seed(0 if role == "old" else 1)
+        model = open_clip.create_model(name)
+        ckpt = model_dir / f"{role}.pt"
+        torch.save({"state_dict": model.state_dict()}, ckpt)
+        out[f"{role}_arch"], out[f"{role}_ckpt"] = name, str(ckpt)
+    return out
+
+
+def write_tiny_world(root: Path) -> dict:
+    """Image-text, text, multi-caption eval and zero-shot shard sets of a few dozen samples."""
+    from xbt_dist.data.synthetic import write_image_text_shards, write_text_shards
+    import webdataset as wds
+    import numpy as np
+    from xbt_dist.data.synthetic import jpeg_bytes
+    world = {"train": str(root / "train"), "text": str(root / "text"),
+             "eval": str(root / "eval"), "zeroshot": str(root / "zeroshot")}
+    write_image_text_shards(world["train"], n_shards=2, per_shard=32, sizes=True)
+    write_text_shards(world["text"], n_shards=2, per_shard=64)
+    rng = np.random.default_rng(5)
+    for name, n in (("eval", 12), ("zeroshot", 9)):
+        Path(world[name]).mkdir(parents=True)
+        with wds.TarWriter(str(Path(world[name]) / f"{name}-000.tar")) as w:
+            for i in range(n):
+                caps = [f"picture {i}", f"image number {i}"]
+                w.write({"__key__": f"{i:04d}", "jpg": jpeg_bytes(rng), "txt": caps[0],
+                         "json": {"captions": caps}, "cls": str(i % 3)})
+    (Path(world["zeroshot"]) / "classes.json").write_text(
+        json.dumps({"classes": ["red", "green", "blue"], "templates": ["a photo of {}.", "{}"]}))
+    return world
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("tiny")
+    return {**write_tiny_models(root), **write_tiny_world(root), "root": str(root)}
+
+
+@pytest.fixture
+def tiny_cfg(tiny, tmp_path):
+    """A RunConfig over the tiny world, writing below tmp_path."""
+    from xbt_dist.pipeline import toy_run_config
+    cfg = toy_run_config(tiny, tmp_path, overrides=[
+        "phi.hidden=32", "stage1.batch_size=32", "stage1.epochs=1", "train.batch_size=8",
+        "train.max_steps=3", "train.log_every=1", "train.num_workers=0", "eval.tsne_points=10",
+        "adapters.text_prompts=2", "adapters.visual_prompts=2"])
+    return cfg

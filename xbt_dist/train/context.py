@@ -1,0 +1,42 @@
+"""Where a training function runs: rank, world size, device, and the backend that steps it.
+
+The stage functions (`run_stage1`, `run_stage2`, embedding) take a `WorkerContext` and nothing
+else distributed: a local run uses the default (rank 0 of 1, plain PyTorch), and a Ray Train
+worker builds one from `ray.train.get_context()` with a DeepSpeed backend factory. This keeps
+model, loss and loop code free of Ray and DeepSpeed imports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from xbt_dist.config import OptimConfig
+from xbt_dist.train.backend import Backend, TorchBackend
+
+
+def _torch_backend(module: nn.Module, cfg: OptimConfig, total_steps: int, local_batch: int) -> Backend:
+    return TorchBackend(module, cfg, total_steps)
+
+
+@dataclass
+class WorkerContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # (trainable module, optim config, total optimiser steps, local micro-batch) -> Backend
+    make_backend: Callable[[nn.Module, OptimConfig, int, int], Backend] = _torch_backend
+    # metrics sink called at log points on every rank (Ray: ray.train.report)
+    report: Callable[[dict], None] | None = None
+    # collective barrier across workers (no-op locally)
+    barrier: Callable[[], None] = lambda: None
+    # collective "is this flag set on any rank?" (all-reduce max); identity locally
+    any_rank: Callable[[bool], bool] = bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0

@@ -1,0 +1,145 @@
+"""The one training loop both stages share: step, log, checkpoint, stop on request, resume.
+
+A stage provides a `step_fn(batch) -> (loss, parts)`, a backend (plain PyTorch or DeepSpeed), a
+checkpointable data stream and a `trainable_state()` callable; the loop owns the counters. The
+step counters, the optimiser and the data position are checkpointed together, so a resumed run
+(Ray FailureConfig restart, SLURM requeue, `--resume`) neither repeats nor skips samples.
+
+Stop requests: SIGUSR1/SIGTERM (SLURM preemption, `--signal`) or a `STOP` file in the stage dir
+make every rank save a checkpoint at the same step and leave with `StopRequested`; the ranks agree
+on the step through `ctx.any_rank`, a collective, so none blocks in a gather the others skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from xbt_dist.train.checkpoint import Checkpointer
+from xbt_dist.train.context import WorkerContext
+from xbt_dist.train.progress import Progress
+
+STOP_FILE = "STOP"
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "checkpointed, requeue me"
+
+
+class StopRequested(Exception):
+    """The run checkpointed and stopped on request (preemption); resume with --resume."""
+
+
+_signalled = False
+
+
+def _on_signal(signum, frame):
+    global _signalled
+    _signalled = True
+    print(f"[xbt] signal {signum}: checkpointing at the next step, then stopping", file=sys.stderr)
+
+
+def install_stop_handlers() -> None:
+    """Route SIGUSR1/SIGTERM to a checkpoint-and-stop (main thread only)."""
+    try:
+        signal.signal(signal.SIGUSR1, _on_signal)
+        signal.signal(signal.SIGTERM, _on_signal)
+    except ValueError:  # not the main thread (e.g. inside a Ray actor): STOP file still works
+        pass
+
+
+@dataclass
+class LoopState:
+    step: int = 0          # optimiser steps taken
+    samples: int = 0       # global samples consumed
+    history: list = field(default_factory=list)
+
+
+def endless(stream) -> Iterator[dict]:
+    """Batches across epoch boundaries; the stream advances its own epoch counter."""
+    while True:
+        empty = True
+        for batch in stream:
+            empty = False
+            yield batch
+        if empty:
+            raise RuntimeError("the data stream yielded no batch in a whole epoch: the shard set is "
+                               "empty or smaller than one batch per worker; add data or lower batch_size")
+
+
+def _maybe_inject_fault(step: int, rank: int, stage_dir: str) -> None:
+    """Test hook: XBT_FAULT_AT_STEP=k kills rank XBT_FAULT_RANK (default 1) once at step k."""
+    at = os.environ.get("XBT_FAULT_AT_STEP")
+    if not at or step != int(at) or rank != int(os.environ.get("XBT_FAULT_RANK", "1")):
+        return
+    marker = Path(os.environ.get("XBT_FAULT_MARKER", f"{stage_dir}/.fault_injected"))
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(str(step))
+    print(f"[xbt] fault injection: rank {rank} exits at step {step}", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+def run_loop(*, name: str, ctx: WorkerContext, backend, stream, step_fn: Callable,
+             total_steps: int, global_batch: int, stage_dir: str, trainable_state: Callable[[], dict],
+             load_trainable: Callable[[dict], None], checkpoint_every: int = 0, log_every: int = 10,
+             resume: bool = False, tb_dir: str | None = None) -> LoopState:
+    ckpt = Checkpointer(stage_dir, rank=ctx.rank, barrier=ctx.barrier)
+    state = LoopState()
+    if resume and (loaded := ckpt.load()) is not None:
+        d, trainable, mine = loaded
+        load_trainable(trainable)
+        backend.load_state_dict(mine["backend"])
+        if hasattr(backend, "load"):
+            backend.load(d / "backend")
+        stream.load_state_dict(mine["data"])
+        state.step, state.samples = mine["step"], mine["samples"]
+        if ctx.is_main:
+            print(f"[{name}] resumed from {d.name} at step {state.step}", file=sys.stderr, flush=True)
+
+    def save() -> str:
+        with backend.gathered():
+            trainable = trainable_state() if ctx.is_main else None
+        return ckpt.save(state.step, trainable,
+                         {"backend": backend.state_dict(), "data": stream.state_dict(),
+                          "step": state.step, "samples": state.samples},
+                         save_backend=getattr(backend, "save", None))
+
+    local_batch = global_batch // ctx.world_size
+    progress = Progress(name, total_steps, local_batch, ctx.world_size, ctx.rank, log_every, tb_dir)
+    stop_file = Path(stage_dir) / STOP_FILE
+    batches = endless(stream)
+    backend.module.train()
+    while state.step < total_steps:
+        batch = next(batches)
+        loss, parts = step_fn(batch)
+        backend.backward(loss)
+        if not backend.step():
+            continue
+        state.step += 1
+        state.samples += global_batch
+        _maybe_inject_fault(state.step, ctx.rank, stage_dir)
+        if checkpoint_every and state.step % checkpoint_every == 0 and state.step < total_steps:
+            save()
+        if not progress.due(state.step):
+            continue
+        # Log points only: .item() and the stop vote are sync points we keep off the hot path.
+        rec = progress.update(state.step, loss.item(), {k: v.item() for k, v in parts.items()},
+                              backend.lr())
+        rec["skipped"] = dict(getattr(stream, "skipped", {}))
+        state.history.append(rec)
+        if ctx.report is not None:
+            ctx.report(rec)
+        if ctx.any_rank(_signalled or stop_file.exists()):
+            save()
+            progress.close()
+            raise StopRequested(f"{name}: checkpointed at step {state.step} on request")
+    progress.close()
+    save()
+    backend.module.eval()
+    return state
+

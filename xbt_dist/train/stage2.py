@@ -1,0 +1,177 @@
+"""Stage 2 (XBT): tune adapters of the new model jointly with phi against old embeddings.
+
+Targets (`train.target_source`, DESIGN.md section 3):
+  precomputed  actual old embeddings `v_old`, `w_old` joined by key from embedding shards; the OLD
+               MODEL IS NEVER LOADED (the default, and the paper's point: cheaper than Base)
+  old_model    the frozen old model runs on each batch (paper's Base)
+  synthetic    phi0 (frozen stage-1 phi) on the untouched new model, when no old embeddings exist
+Output: `<out_dir>/train/adapters.pt` (adapters + phi + temperature, no base weights) and a
+manifest with the compute report (trainable params, wall time, peak memory, samples seen).
+"""
+
+from __future__ import annotations
+
+import copy
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from xbt_dist.artifacts import write_manifest
+from xbt_dist.config import RunConfig, to_dict
+from xbt_dist.data.shards import list_shards, shard_sizes
+from xbt_dist.data.stream import SampleStream
+from xbt_dist.losses import xbt_loss
+from xbt_dist.models.adapters import AdaptedCLIP
+from xbt_dist.models.clip import ClipBundle, load_clip
+from xbt_dist.models.phi import Phi
+from xbt_dist.train.context import WorkerContext
+from xbt_dist.train.loop import run_loop
+from xbt_dist.train.model import XBTModel, resolve_method
+from xbt_dist.train.stage1 import PHI_FILE, load_phi
+
+ADAPTERS_FILE = "adapters.pt"
+
+
+def build_model(cfg: RunConfig, new: ClipBundle, d_old: int) -> XBTModel:
+    """The trainable module of a (method-resolved) config, phi initialised per `phi_init`."""
+    if cfg.train.phi_init == "stage1":
+        phi = load_phi(Path(cfg.stage_dir("phi")) / PHI_FILE)
+        if (phi.d_new, phi.d_old) != (new.embed_dim, d_old):
+            raise ValueError(f"stage-1 phi maps {phi.d_new}->{phi.d_old} but the models need "
+                             f"{new.embed_dim}->{d_old}: it was trained for other models; rerun stage 1")
+    else:
+        phi = Phi(new.embed_dim, d_old, cfg.phi.hidden, cfg.phi.depth)
+    phi0 = copy.deepcopy(phi) if cfg.train.target_source == "synthetic" else None
+    if phi0 is not None and cfg.train.phi_init != "stage1":
+        raise ValueError("target_source=synthetic needs the stage-1 phi: set train.phi_init=stage1")
+    adapted = AdaptedCLIP(new.model, cfg.adapters)
+    return XBTModel(adapted, phi, cfg.loss.temperature, cfg.loss.learn_temperature, phi0=phi0)
+
+
+def load_xbt(cfg: RunConfig, new: ClipBundle, d_old: int, path: str | Path | None = None) -> XBTModel:
+    """Rebuild the trained XBT model from its base model reference + `adapters.pt`."""
+    cfg = resolve_method(cfg)
+    path = Path(path or Path(cfg.stage_dir("train")) / ADAPTERS_FILE)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run `xbt train` first")
+    cfg = copy.deepcopy(cfg)
+    cfg.train.phi_init, cfg.train.target_source = "random", "precomputed"  # weights come from the file
+    model = build_model(cfg, new, d_old)
+    model.load_trainable_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+    return model.eval()
+
+
+def peak_rss_mb() -> float:
+    # ru_maxrss is KiB on Linux: the process high-water mark, i.e. what the job must be given.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _old_inputs(old: ClipBundle, new: ClipBundle):
+    """Map the new model's image batch to the old model's input size (same CLIP normalisation)."""
+    size = old.model.visual.image_size
+    size = size if isinstance(size, (tuple, list)) else (size, size)
+
+    def convert(images: torch.Tensor) -> torch.Tensor:
+        if tuple(images.shape[-2:]) != tuple(size):
+            images = F.interpolate(images, size=tuple(size), mode="bicubic", align_corners=False)
+        return images
+    return convert
+
+
+def run_stage2(cfg: RunConfig, ctx: WorkerContext | None = None, resume: bool = False) -> dict:
+    ctx = ctx or WorkerContext()
+    cfg = resolve_method(cfg)
+    tc = cfg.train
+    stage_dir = cfg.stage_dir("train")
+    local_batch = tc.batch_size // (ctx.world_size * tc.optim.grad_accum)
+    if local_batch < 1:
+        raise ValueError(f"train.batch_size={tc.batch_size} is smaller than workers x grad_accum")
+    if not tc.train_shards:
+        raise ValueError("train.train_shards is not set: point it at an image-text shard set")
+    t0 = time.perf_counter()
+    new = load_clip(cfg.new, ctx.device)
+    old = None
+    targets = None
+    if tc.target_source == "precomputed":
+        if not tc.targets:
+            raise ValueError("train.target_source=precomputed needs train.targets: the embedding "
+                             "shard set of the old model (`xbt embed`), or use target_source=old_model")
+        from xbt_dist.data.embeddings import EmbeddingShardSet
+        targets = EmbeddingShardSet(tc.targets)
+        targets.check_fields(["image_old", "text_old"])
+        d_old = targets.dims["image_old"]
+    elif tc.target_source == "old_model":
+        old = load_clip(cfg.old, ctx.device)
+        old.model.requires_grad_(False)
+        to_old = _old_inputs(old, new)
+        d_old = old.embed_dim
+    else:
+        d_old = load_phi(Path(cfg.stage_dir("phi")) / PHI_FILE).d_old
+
+    model = build_model(cfg, new, d_old).to(ctx.device)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    stream = SampleStream(tc.train_shards, batch_size=local_batch, transform=new.preprocess_train,
+                          tokenizer=new.tokenizer, targets=tc.targets if targets else None,
+                          rank=ctx.rank, world_size=ctx.world_size, num_workers=tc.num_workers,
+                          seed=tc.seed, shuffle_buffer=tc.shuffle_buffer, resampled=tc.resampled,
+                          drop_last=True)
+    sizes = shard_sizes(tc.train_shards)
+    n = tc.samples_per_epoch or (sum(sizes.values()) if sizes else 0)
+    if not n:
+        raise ValueError(f"{tc.train_shards} has no sizes.json and train.samples_per_epoch is 0: "
+                         "run `xbt prep validate` on the shards or set train.samples_per_epoch")
+    total_steps = tc.max_steps or max(1, int(tc.epochs * n) // tc.batch_size)
+    backend = ctx.make_backend(model, tc.optim, total_steps, local_batch)
+    weights = cfg.loss.weights()
+
+    def step_fn(batch):
+        images = batch["images"].to(ctx.device, non_blocking=True)
+        tokens = batch["tokens"].to(ctx.device, non_blocking=True)
+        if tc.target_source == "precomputed":
+            tgt = {"v_old": batch["v_old"].to(ctx.device), "w_old": batch["w_old"].to(ctx.device)}
+            tgt = {k: F.normalize(v, dim=-1) for k, v in tgt.items()}
+        elif tc.target_source == "old_model":
+            with torch.no_grad():
+                tgt = {"v_old": old.model.encode_image(to_old(images), normalize=True),
+                       "w_old": old.model.encode_text(old.tokenizer(batch["captions"]).to(ctx.device),
+                                                      normalize=True)}
+        else:
+            tgt = backend.module(images, tokens, synthetic_targets=True)
+        out = backend.module(images, tokens)
+        embeds = {"phi_v": out["phi_v"], "phi_w": out["phi_w"],
+                  **{k: v.to(out["phi_v"].dtype) for k, v in tgt.items()}}
+        return xbt_loss(embeds, weights, out["logit_scale"], ctx.rank, ctx.world_size)
+
+    state = run_loop(name=f"train:{tc.method}", ctx=ctx, backend=backend, stream=stream,
+                     step_fn=step_fn, total_steps=total_steps, global_batch=tc.batch_size,
+                     stage_dir=stage_dir, trainable_state=model.trainable_state_dict,
+                     load_trainable=model.load_trainable_state_dict,
+                     checkpoint_every=tc.checkpoint_every, log_every=tc.log_every, resume=resume,
+                     tb_dir=f"{stage_dir}/tb")
+    wall = time.perf_counter() - t0
+    rates = [h["samples_per_s"] for h in state.history[1:]] or [h["samples_per_s"] for h in state.history]
+    result = {"stage": "train", "method": tc.method, "target_source": tc.target_source,
+              "steps": state.step, "samples": state.samples, "wall_s": wall,
+              "trainable_params": trainable, "peak_rss_mb": peak_rss_mb(),
+              "peak_gpu_mb": (torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None,
+              "samples_per_s": sum(rates) / len(rates) if rates else None,
+              "skipped": dict(stream.skipped), "old_model_loaded": old is not None,
+              "final_loss": state.history[-1]["loss"] if state.history else None,
+              "adapters_path": f"{stage_dir}/{ADAPTERS_FILE}", "world_size": ctx.world_size}
+    if stream.skipped and ctx.is_main:
+        print(f"[train] skipped bad samples: {dict(stream.skipped)}", file=sys.stderr)
+    if ctx.is_main:
+        with backend.gathered():
+            torch.save(model.trainable_state_dict(), Path(stage_dir) / ADAPTERS_FILE)
+        write_manifest(stage_dir, "adapters", config=to_dict(cfg),
+                       inputs={"train_shards": tc.train_shards, "targets": tc.targets,
+                               "phi": cfg.stage_dir("phi") if tc.phi_init == "stage1" else None},
+                       counts={"steps": state.step, "samples": state.samples,
+                               "skipped": dict(stream.skipped)},
+                       result=result, history=state.history)
+    ctx.barrier()
+    return result
