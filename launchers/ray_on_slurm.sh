@@ -23,7 +23,8 @@
 #   XBT_CMD              command run instead of `xbt STAGE` (test payloads) [unset]
 #   XBT_HOME             repository root; its .venv is activated if xbt is not on PATH [$SLURM_SUBMIT_DIR]
 #   XBT_LOG_DIR          parent of the per-job log dir [$XBT_HOME/runs/slurm]
-#   XBT_RESUME           1: pass --resume (continue from the latest checkpoint, if any) [1]
+#   XBT_RESUME           1: pass --resume (continue from the latest checkpoint, if any)
+#                        [1 for train and pretrain-phi, 0 for other stages]
 #   XBT_WORKERS          Ray Train workers; unset: one per GPU on GPU jobs, the config's on CPU
 #   XBT_SELF_REQUEUE     1: `scontrol requeue` after a USR1-triggered checkpoint [1]
 #   XBT_RAY_CLUSTER      0: start no Ray cluster, the stage starts a local Ray itself (1 node) [1]
@@ -204,7 +205,8 @@ if [[ ${XBT_RAY_CLUSTER:-1} == 1 ]]; then
 else
   unset RAY_ADDRESS
 fi
-[[ ${XBT_RESUME:-1} == 1 ]] && ARGS+=(--resume)
+case $STAGE in train|pretrain-phi) RESUME_DEFAULT=1 ;; *) RESUME_DEFAULT=0 ;; esac
+[[ ${XBT_RESUME:-$RESUME_DEFAULT} == 1 ]] && ARGS+=(--resume)
 if [[ -n ${XBT_WORKERS:-} ]]; then
   ARGS+=(--workers "$XBT_WORKERS")
   (( GPUS_PER_NODE > 0 )) && ARGS+=(--use-gpu)
@@ -215,7 +217,9 @@ echo "ray_on_slurm.sh: running ${CMD[*]} ${ARGS[*]} $*" | tee -a "$LOG_DIR/job.t
 
 # In the background, so the traps above run while it works (bash defers traps during a
 # foreground child). Its output also goes to the per-job log.
-"${CMD[@]}" "${ARGS[@]}" "$@" > >(tee -a "$LOG_DIR/stage.log") 2>&1 &
+# tee ignores the signals: SLURM signals every process of the job, and a dead tee would
+# break the stage's stdout just while it writes its checkpoint.
+"${CMD[@]}" "${ARGS[@]}" "$@" > >(trap '' TERM INT USR1 USR2; exec tee -a "$LOG_DIR/stage.log") 2>&1 &
 STAGE_PID=$!
 # `wait` returns early when a trapped signal arrives; keep waiting until the stage is gone.
 while kill -0 "$STAGE_PID" 2>/dev/null; do
