@@ -30,6 +30,32 @@ def _read_texts(d: Path) -> list[tuple[str, str]]:
     return [(s["__key__"], s["txt"].decode()) for s in ds]
 
 
+# ---------------------------------------------------------------- shard writer
+
+@pytest.mark.parametrize("name,size", [("k.txt", 0), ("0000000001.txt", 37), ("é_ü.jpg", 512),
+                                       ("a" * 96 + ".txt", 10**6), ("d" * 60 + "/" + "b" * 60 + ".txt", 3)])
+def test_ustar_header_matches_tarfile(name, size):
+    from xbt_dist.prep.shardio import ustar_header
+
+    info = tarfile.TarInfo(name)
+    info.mode, info.mtime, info.size = 0o644, 0, size
+    assert ustar_header(name, size) == info.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8")
+
+
+def test_tar_shard_writer_reads_back_with_tarfile_and_webdataset(tmp_path):
+    with TarShardWriter(tmp_path, samples_per_shard=2) as w:
+        for i in range(3):
+            w.write({"__key__": f"s{i}", "txt": "x" * (i * 300), "json": {"i": i}})
+    assert read_sizes(tmp_path) == {"shard-000000.tar": 2, "shard-000001.tar": 1}
+    with tarfile.open(tmp_path / "shard-000000.tar") as tf:
+        assert [m.name for m in tf] == ["s0.txt", "s0.json", "s1.txt", "s1.json"]
+    assert (tmp_path / "shard-000000.tar").stat().st_size % 10240 == 0
+    got = [(s["__key__"], len(s["txt"])) for s in
+           wds.WebDataset(sorted(str(p) for p in tmp_path.glob("*.tar")), shardshuffle=False)]
+    assert got == [("s0", 0), ("s1", 300), ("s2", 600)]
+    assert validate_shards(tmp_path, kind="text")["totals"]["problems"] == 1  # s0: empty txt
+
+
 # ---------------------------------------------------------------- text corpus
 
 def test_normalize_text():
