@@ -8,6 +8,9 @@ table is read from the stage manifests, so it reports what the training actually
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import functools
 import json
 import sys
 import time
@@ -121,14 +124,19 @@ def run_eval(cfg: RunConfig, device: str = "cpu", out_dir: str | None = None) ->
         views["phi"] = {k: F.normalize(phi0(v), dim=-1).detach() for k, v in views["new"].items()}
     xbt = None
     if (Path(cfg.stage_dir("train")) / ADAPTERS_FILE).is_file():
-        xbt = load_xbt(cfg, new, old.embed_dim).to(device)
-        ad = xbt.new
+        # Adapters are injected in place: give them their own copy so `new` stays untouched.
+        xbt_base = dataclasses.replace(new, model=copy.deepcopy(new.model))
+        xbt = load_xbt(cfg, xbt_base, old.embed_dim).to(device)
+        # Unnormalised encoders: _Embedder normalises once, exactly as for the untouched model.
+        ad_img = functools.partial(xbt.new.encode_image, normalize=False)
+        ad_txt = functools.partial(xbt.new.encode_text, normalize=False)
         with torch.no_grad():
-            views["xbt"] = {"image": F.normalize(xbt.phi(E_new.images(images, ad.encode_image).to(device)), dim=-1).cpu(),
-                            "text": F.normalize(xbt.phi(E_new.texts(captions, ad.encode_text).to(device)), dim=-1).cpu()}
-            with ad.adapters_disabled():
-                views["new_adapters_off"] = {"image": E_new.images(images, ad.encode_image),
-                                             "text": E_new.texts(captions, ad.encode_text)}
+            views["xbt"] = {"image": F.normalize(xbt.phi(E_new.images(images, ad_img).to(device)), dim=-1).cpu(),
+                            "text": F.normalize(xbt.phi(E_new.texts(captions, ad_txt).to(device)), dim=-1).cpu()}
+            if not cfg.adapters.full_tune:  # full-tune has no adapters to switch off
+                with xbt.new.adapters_disabled():
+                        views["new_adapters_off"] = {"image": E_new.images(images, ad_img),
+                                                 "text": E_new.texts(captions, ad_txt)}
     compat = compatibility_report(views, c2i, ks=ec.ks, verdict_ks=ec.criterion_ks)
     zero_shot = None
     if ec.zeroshot_shards:
@@ -147,6 +155,7 @@ def run_eval(cfg: RunConfig, device: str = "cpu", out_dir: str | None = None) ->
 
 @torch.no_grad()
 def _zero_shot(spec, old, new, E_old, E_new, heads, xbt, device) -> dict:
+    partial = functools.partial
     images, labels, classes, templates = load_zeroshot_set(spec)
     prompts = [t.format(c) for c in classes for t in templates]
 
@@ -161,7 +170,7 @@ def _zero_shot(spec, old, new, E_old, E_new, heads, xbt, device) -> dict:
         zviews["phi"] = {"image": F.normalize(heads["phi"](new_img), dim=-1),
                          "classes": zviews["old"]["classes"]}
     if xbt is not None:
-        img = F.normalize(xbt.phi(E_new.images(images, xbt.new.encode_image).to(device)), dim=-1).cpu()
-        txt = F.normalize(xbt.phi(E_new.texts(prompts, xbt.new.encode_text).to(device)), dim=-1).cpu()
+        img = F.normalize(xbt.phi(E_new.images(images, partial(xbt.new.encode_image, normalize=False)).to(device)), dim=-1).cpu()
+        txt = F.normalize(xbt.phi(E_new.texts(prompts, partial(xbt.new.encode_text, normalize=False)).to(device)), dim=-1).cpu()
         zviews["xbt"] = {"image": img, "classes": per_class(txt)}
     return zero_shot_report(zviews, labels)
