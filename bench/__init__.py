@@ -1,0 +1,1 @@
+"""Benchmarks: every speed, memory and quality number in docs/ is a command here (JSON + markdown out)."""
