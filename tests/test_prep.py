@@ -155,6 +155,20 @@ def test_validate_reports_truncated_corrupt_and_missing_caption(tmp_path, capsys
     assert prep_main(["validate", str(d), "--strict", "--no-decode", "--dry-run"]) == 1
 
 
+def test_validate_sizes_match_what_training_stream_yields(tmp_path):
+    """Acceptance: validate's sizes.json == the samples the training stream keeps; the stream
+    skips (and counts) the same bad samples instead of crashing."""
+    stream_mod = pytest.importorskip("xbt_dist.data.stream")
+    d = tmp_path / "set"
+    _make_bad_set(d)
+    report = validate_shards(d)
+    stream = stream_mod.SampleStream(str(d), batch_size=4, shuffle=False)
+    keys = [k for batch in stream for k in batch["keys"]]
+    assert len(keys) == sum(read_sizes(d).values()) == report["totals"]["good"]
+    assert stream.skipped["missing_caption"] == 1 and stream.skipped["bad_image"] == 1
+    assert stream.skipped["truncated_shard"] == 1
+
+
 def test_validate_tar_cut_at_member_boundary(tmp_path):
     d = tmp_path / "set"
     with TarShardWriter(d, samples_per_shard=10) as w:
