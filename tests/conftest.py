@@ -23,7 +23,7 @@ def write_tiny_models(root: Path) -> dict:
     import open_clip
     model_dir = root / "models"
     model_dir.mkdir(parents=True, exist_ok=True)
-    out = {"model_dir": str(model_dir)}
+    out = {"models_dir": str(model_dir)}
     for role, arch_cfg in (("old", TINY_OLD), ("new", TINY_NEW)):
         name = f"tiny-{role}"
         (model_dir / f"{name}.json").write_text(json.dumps(arch_cfg))
@@ -32,7 +32,7 @@ def write_tiny_models(root: Path) -> dict:
         model = open_clip.create_model(name)
         ckpt = model_dir / f"{role}.pt"
         torch.save({"state_dict": model.state_dict()}, ckpt)
-        out[f"{role}_arch"], out[f"{role}_ckpt"] = name, str(ckpt)
+        out[f"{role}_arch"], out[f"{role}_checkpoint"] = name, str(ckpt)
     return out
 
 

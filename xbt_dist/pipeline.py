@@ -69,8 +69,8 @@ def toy_run_config(world: dict, out: Path, recipe: str | Path | None = None,
     """The toy recipe with the toy world's paths filled in."""
     cfg = load_config(recipe or CONFIG_DIR / "toy.yaml", overrides)
     cfg.out_dir = str(out / "run")
-    cfg.old = ModelRef(world["old_arch"], world["old_ckpt"], world["model_dir"])
-    cfg.new = ModelRef(world["new_arch"], world["new_ckpt"], world["model_dir"])
+    cfg.old = ModelRef(world["old_arch"], world["old_checkpoint"], world["models_dir"])
+    cfg.new = ModelRef(world["new_arch"], world["new_checkpoint"], world["models_dir"])
     cfg.stage1.text_shards = world["text"]
     cfg.stage1.embeddings = str(out / "emb" / "text")
     cfg.train.train_shards = world["train"]
@@ -90,7 +90,11 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, overrides: list[str] 
 
     out = Path(out)
     t0 = time.perf_counter()
-    toy_cfg = ToyWorldConfig.quick(seed) if quick else ToyWorldConfig(seed=seed)
+    toy_cfg = ToyWorldConfig(seed=seed)
+    if quick:  # a world of a few hundred samples and one-epoch base models: a smoke run
+        toy_cfg = ToyWorldConfig(seed=seed, n_train=256, n_text=1024, n_eval=64, n_zeroshot=64,
+                                 per_shard=128, text_per_shard=512, old_epochs=1, new_epochs=1,
+                                 batch_size=64)
     world = build_toy_world(out / "toy", toy_cfg)
     cfg = toy_run_config(world, out, recipe, overrides)
     if quick:
