@@ -147,6 +147,8 @@ def test_validate_reports_truncated_corrupt_and_missing_caption(tmp_path, capsys
     assert sizes["shard-000000.tar"] == 4 and sizes["shard-000001.tar"] == 2
     assert sizes["shard-000002.tar"] == 2  # c1, c2 before the cut
     assert json.loads((d / "validate.json").read_text())["totals"]["problems"] == 3
+    parallel = validate_shards(d, workers=2, write=False)
+    assert parallel["totals"] == report["totals"] and parallel["problems"] == report["problems"]
 
     # CLI: summary printed, exit 0 unless --strict
     assert prep_main(["validate", str(d)]) == 0

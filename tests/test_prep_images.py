@@ -102,6 +102,13 @@ def test_prep_images_records_failures_and_keeps_good_samples(server, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["kind"] == "image_text_shards" and manifest["counts"]["successes"] == 6
 
+    # the CLI rebuilds the same report without downloading again
+    from xbt_dist.prep.cli import main as prep_main
+
+    (out / "report.json").unlink()
+    assert prep_main(["images", cfg.url_list, str(out), "--summarize-only"]) == 0
+    assert json.loads((out / "report.json").read_text())["totals"] == report["totals"]
+
     v = validate_shards(out)
     assert v["totals"]["good"] == 6 and v["totals"]["problems"] == 0
 

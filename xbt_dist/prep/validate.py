@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tarfile
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -58,7 +59,8 @@ def _check_image(data: bytes, decode: bool) -> str | None:
                 im.load()
         return None
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBomb...)
-        return f"{type(e).__name__}: {e}"[:200]
+        # drop "<_io.BytesIO object at 0x...>" so reports of the same data compare equal
+        return re.sub(r" ?<[^>]* at 0x[0-9a-f]+>", "", f"{type(e).__name__}: {e}")[:200]
 
 
 def check_sample(key: str, fields: dict[str, bytes], kind: str, decode: bool,
@@ -119,6 +121,8 @@ def scan_shard(path: str | os.PathLike, kind: str, decode: bool = True,
                 if not member.isfile():
                     continue
                 k, ext = split_key(member.name)
+                if not ext or member.name.rpartition("/")[2].startswith("._"):
+                    continue  # macOS resource forks / extension-less members: the loader ignores them too
                 if key is not None and k != key:
                     finish()  # before reading on: the previous sample is whole even if this one is cut
                     fields = {}
