@@ -174,8 +174,18 @@ def test_optional_views_skipped_and_required_checked():
     res = compatibility_report({"old": views["old"], "xbt": views["xbt"]}, c2i)
     assert set(res["cases"]) == {"old/old", "xbt/old", "xbt/xbt"}
     assert {s["case"] for s in res["skipped"]} == {"new/old", "phi/old", "new/new"}
-    with pytest.raises(ValueError, match="'xbt' is required"):
-        compatibility_report({"old": views["old"]}, c2i)
+    with pytest.raises(ValueError, match="'old' is required"):
+        compatibility_report({"xbt": views["xbt"]}, c2i)
+    # no xbt view yet (eval after stage 1): verdict not evaluated, the report still renders
+    early = compatibility_report({"old": views["old"], "phi": views["phi"]}, c2i)
+    assert early["verdict"]["compatible"] is None and "xbt/old" not in early["cases"]
+    assert "not evaluated" in report.verdict_section(early)
+    # the stage-1 phi judged as the candidate (phi-only ablation row)
+    judged = compatibility_report({"old": views["old"], "phi": views["phi"]}, c2i,
+                                  candidate="phi")
+    assert judged["verdict"]["case"] == "phi/old"
+    assert judged["verdict"]["compatible"] is False                  # noisy phi loses R@1
+    assert "phi/old" in judged["verdict"]["t2i"]["per_k"]["R@1"]
     with pytest.raises(ValueError, match="same eval set"):
         compatibility_report({"old": views["old"],
                               "xbt": {"image": views["xbt"]["image"][:5],

@@ -88,9 +88,11 @@ def ablation_table(results: Iterable[tuple[str, Mapping]],
                     + [_cell([_value(first, c, d, m)]) if c == "old/old" else "-"
                        for c, d, m in ref_cols] + ["-"])
     for name, runs in grouped.items():
-        passed = sum(bool(r["compat"]["verdict"]["compatible"]) for r in runs)
-        verdict = ("yes" if passed == len(runs) else "no" if passed == 0
-                   else f"{passed}/{len(runs)}")
+        judged = [r["compat"]["verdict"].get("compatible") for r in runs]
+        judged = [j for j in judged if j is not None]     # None: no candidate view in that run
+        passed = sum(bool(j) for j in judged)
+        verdict = ("n/a" if not judged else "yes" if passed == len(judged)
+                   else "no" if passed == 0 else f"{passed}/{len(judged)}")
         rows.append([name, str(len(runs))]
                     + [_cell([_value(r, c, d, m) for r in runs]) for c, d, m in columns]
                     + [verdict])

@@ -10,7 +10,8 @@ Input is a dict of VIEWS of one eval set, each view = {"image": (N, d), "text": 
 
 A case "Q/G" retrieves with queries of view Q against the gallery of view G, in both directions:
 t2i (Q's text queries vs G's image gallery) and i2t (Q's image queries vs G's text gallery).
-Only `old` and `xbt` are required; cases needing a missing view are skipped and listed.
+Only `old` is required; cases needing a missing view are skipped and listed (e.g. an eval after
+stage 1 only has no `xbt` view: the verdict is then `None`, "not evaluated").
 
 `new/old` is the naive "just swap the model" upgrade. When d_new != d_old the new embedding cannot
 even be compared, so we do what a drop-in swap into a fixed-width vector index would do: truncate
@@ -18,7 +19,8 @@ the new vector to d_old (d_new > d_old) or zero-pad it (d_new < d_old). The reca
 chance, which is the point of the case. The case's `note` records what was done.
 
 Verdict per direction: compatible when R@K(xbt/old) >= R@K(old/old) + margin for every K in
-`verdict_ks` (default (1, 5)); overall compatible when both directions are.
+`verdict_ks` (default (1, 5)); overall compatible when both directions are. `candidate="phi"`
+judges the stage-1 phi instead (phi/old), for the phi-only row of an ablation.
 """
 
 from __future__ import annotations
@@ -78,10 +80,9 @@ def _check_views(views: Mapping) -> dict[str, dict[str, torch.Tensor]]:
     unknown = set(views) - set(VIEW_NAMES)
     if unknown:
         raise ValueError(f"unknown views {sorted(unknown)}; known views: {list(VIEW_NAMES)}")
-    for req in ("old", "xbt"):
-        if req not in views:
-            raise ValueError(f"view {req!r} is required for the compatibility verdict "
-                             f"(got views {sorted(views)})")
+    if "old" not in views:
+        raise ValueError(f"view 'old' is required: it is the gallery every case is measured "
+                         f"against (got views {sorted(views)})")
     out = {name: _view(views, name) for name in views}
     n_img, n_txt = out["old"]["image"].shape[0], out["old"]["text"].shape[0]
     for name, v in out.items():
@@ -108,18 +109,26 @@ def on_off_check(new, new_adapters_off) -> dict:
     return {"equal": equal, "max_abs_diff": max(diffs)}
 
 
-def verdict(cases: Mapping, verdict_ks: Sequence[int] = (1, 5), margin: float = 0.0) -> dict:
-    """Eqn-1 verdict from computed cases: per direction, R@K(xbt/old) >= R@K(old/old) + margin."""
-    out = {"criterion": f"R@K(xbt/old) >= R@K(old/old) + {margin:g} for K in "
+def verdict(cases: Mapping, verdict_ks: Sequence[int] = (1, 5), margin: float = 0.0,
+            candidate: str = "xbt") -> dict:
+    """Eqn-1 verdict from computed cases: per direction, R@K(cand/old) >= R@K(old/old) + margin.
+
+    `compatible` is None (not evaluated) when the candidate case was not computed.
+    """
+    case = f"{candidate}/old"
+    out = {"criterion": f"R@K({case}) >= R@K(old/old) + {margin:g} for K in "
                         f"{list(verdict_ks)}, both directions",
-           "margin": margin, "ks": list(verdict_ks)}
+           "case": case, "margin": margin, "ks": list(verdict_ks)}
+    if case not in cases:
+        return {**out, "compatible": None, "t2i": None, "i2t": None,
+                "note": f"not evaluated: no {candidate!r} view was given"}
     for direction in ("t2i", "i2t"):
         per_k = {}
         for k in verdict_ks:
             key = f"R@{k}"
             ref = cases["old/old"][direction][key]
-            got = cases["xbt/old"][direction][key]
-            per_k[key] = {"xbt/old": got, "old/old": ref, "gain": got - ref,
+            got = cases[case][direction][key]
+            per_k[key] = {case: got, "old/old": ref, "gain": got - ref,
                           "pass": bool(got >= ref + margin)}
         out[direction] = {"compatible": all(v["pass"] for v in per_k.values()), "per_k": per_k}
     out["compatible"] = out["t2i"]["compatible"] and out["i2t"]["compatible"]
@@ -128,7 +137,7 @@ def verdict(cases: Mapping, verdict_ks: Sequence[int] = (1, 5), margin: float = 
 
 def compatibility_report(views: Mapping, caption_to_image, ks: Sequence[int] = DEFAULT_KS,
                          verdict_ks: Sequence[int] = (1, 5), margin: float = 0.0,
-                         chunk_size: int | None = None) -> dict:
+                         chunk_size: int | None = None, candidate: str = "xbt") -> dict:
     """All compatibility cases, the verdict and the on-off check, as a JSON-able dict.
 
     Returns {"eval_set": {...}, "dims": {view: d}, "cases": {"Q/G": {"query", "gallery", "label",
@@ -174,7 +183,7 @@ def compatibility_report(views: Mapping, caption_to_image, ks: Sequence[int] = D
         "ks": list(ks),
         "cases": cases,
         "skipped": skipped,
-        "verdict": verdict(cases, verdict_ks, margin),
+        "verdict": verdict(cases, verdict_ks, margin, candidate),
         "on_off": on_off,
     }
 

@@ -104,14 +104,19 @@ def recall_table(compat: Mapping) -> str:
 
 def verdict_section(compat: Mapping) -> str:
     v = compat["verdict"]
-    lines = [f"**Backward compatible: {'YES' if v['compatible'] else 'NO'}** "
-             f"(criterion: {v['criterion']}).", ""]
-    rows = []
-    for direction in ("t2i", "i2t"):
-        for key, r in v[direction]["per_k"].items():
-            rows.append([direction, key, fmt_float(r["xbt/old"]), fmt_float(r["old/old"]),
-                         f"{r['gain']:+.3f}", "pass" if r["pass"] else "FAIL"])
-    lines.append(md_table(["direction", "K", "xbt/old", "old/old", "gain", "result"], rows))
+    case = v.get("case", "xbt/old")
+    if v["compatible"] is None:
+        lines = [f"**Backward compatible: not evaluated** ({v.get('note', '')}; "
+                 f"criterion: {v['criterion']})."]
+    else:
+        lines = [f"**Backward compatible: {'YES' if v['compatible'] else 'NO'}** "
+                 f"(criterion: {v['criterion']}).", ""]
+        rows = []
+        for direction in ("t2i", "i2t"):
+            for key, r in v[direction]["per_k"].items():
+                rows.append([direction, key, fmt_float(r[case]), fmt_float(r["old/old"]),
+                             f"{r['gain']:+.3f}", "pass" if r["pass"] else "FAIL"])
+        lines.append(md_table(["direction", "K", case, "old/old", "gain", "result"], rows))
     on_off = compat.get("on_off")
     if on_off is not None:
         lines += ["", f"On-off check (adapters off == untouched new model, exactly): "
@@ -171,7 +176,8 @@ def plot_recall_bars(compat: Mapping, path: str | os.PathLike, ks: Sequence[int]
     ax.set_ylabel("recall")
     v = compat.get("verdict", {})
     ax.set_title("cross-model retrieval (query view / gallery view)"
-                 + (f": compatible={v['compatible']}" if "compatible" in v else ""))
+                 + (f": compatible={v['compatible']}" if v.get("compatible") is not None
+                    else ""))
     ax.legend(fontsize=8, ncol=len(series), loc="upper center")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
