@@ -86,6 +86,9 @@ SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
 # Batch jobs may be requeued (scontrol requeue, --requeue, preemption) and resume.
 JobRequeue=1
+# A requeued job waits cred_expire seconds before it may start again (default 120 s);
+# 10 s keeps requeue tests short. Credentials of running steps are unaffected.
+AuthInfo=cred_expire=10
 # Forget finished jobs quickly (no accounting DB here): tests poll squeue/scontrol.
 MinJobAge=30
 # Seconds between SIGTERM and SIGKILL: the time a stage has to write its checkpoint.
