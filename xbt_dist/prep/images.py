@@ -172,7 +172,10 @@ def format_report(report: dict) -> str:
 def download_images(cfg: ImagesConfig, run: bool = True) -> dict:
     """Run img2dataset (unless run=False: only summarise an existing folder) and write the report,
     sizes.json and manifest.json into `cfg.output_folder`. Returns the report dict."""
-    fmt = cfg.input_format or detect_input_format(cfg.url_list)
+    if cfg.input_format or run or Path(cfg.url_list).exists():
+        fmt = cfg.input_format or detect_input_format(cfg.url_list)
+    else:
+        fmt = None  # summarising a copied output folder without its URL list
     if run:
         if not Path(cfg.url_list).exists():
             raise FileNotFoundError(f"URL list {cfg.url_list} does not exist")
