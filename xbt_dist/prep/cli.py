@@ -117,7 +117,7 @@ def _add_images(sub) -> None:
     p.add_argument("--user-agent-token", dest="user_agent_token")
     p.add_argument("--summarize-only", action="store_true",
                    help="do not download; rebuild report/sizes/manifest from an existing output folder")
-    p.set_defaults(func=_images)
+    p.set_defaults(func=_images, fn=_images)  # `fn`: what xbt_dist.cli dispatches on
 
 
 def add_prep_parser(subparsers) -> argparse.ArgumentParser:
@@ -140,7 +140,7 @@ def _fill_prep_parser(prep: argparse.ArgumentParser) -> None:
     p.add_argument("--texts-per-shard", type=int, default=100_000)
     p.add_argument("--caption-col", default=None, help="parquet column (default: caption, TEXT, text)")
     p.add_argument("--no-dedup", action="store_true")
-    p.set_defaults(func=_text)
+    p.set_defaults(func=_text, fn=_text)  # `fn`: what xbt_dist.cli dispatches on
 
     p = sub.add_parser("evalset", help="COCO/Flickr30k (Karpathy JSON) or nocaps -> multi-caption eval shards")
     p.add_argument("annotations", help="dataset_coco.json, dataset_flickr30k.json or nocaps JSON")
@@ -149,7 +149,7 @@ def _fill_prep_parser(prep: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--split", default="test", help="Karpathy split: test (default), val, train, all")
     p.add_argument("--samples-per-shard", type=int, default=1000)
-    p.set_defaults(func=_evalset)
+    p.set_defaults(func=_evalset, fn=_evalset)  # `fn`: what xbt_dist.cli dispatches on
 
     p = sub.add_parser("zeroshot", help="image folder + class names + templates -> zero-shot shards")
     p.add_argument("image_root", help="one subfolder per class, or the root of --mapping paths")
@@ -158,7 +158,7 @@ def _fill_prep_parser(prep: argparse.ArgumentParser) -> None:
     p.add_argument("--class-names", help="file: one name per line or JSON list, in class order")
     p.add_argument("--templates", help="file: one template with {} per line, or JSON list")
     p.add_argument("--samples-per-shard", type=int, default=1000)
-    p.set_defaults(func=_zeroshot)
+    p.set_defaults(func=_zeroshot, fn=_zeroshot)  # `fn`: what xbt_dist.cli dispatches on
 
     p = sub.add_parser("validate", help="scan a shard set; write sizes.json and validate.json")
     p.add_argument("directory")
@@ -167,7 +167,7 @@ def _fill_prep_parser(prep: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1, help="shards scanned in parallel processes")
     p.add_argument("--dry-run", action="store_true", help="report only; write nothing")
     p.add_argument("--strict", action="store_true", help="exit 1 if any problem is found")
-    p.set_defaults(func=_validate)
+    p.set_defaults(func=_validate, fn=_validate)  # `fn`: what xbt_dist.cli dispatches on
 
 
 def main(argv: list[str] | None = None) -> int:
