@@ -42,7 +42,7 @@ class ToyWorldConfig:
     context_length: int = 32       # text context of both toy CLIPs (longest caption is ~30 tokens)
     train_models: bool = True      # False: only generate the data
     old_epochs: int = 8            # OLD base-CLIP epochs over train/
-    new_epochs: int = 5            # NEW base-CLIP epochs (NEW costs ~5x OLD per sample)
+    new_epochs: int = 4            # NEW base-CLIP epochs (NEW costs ~4x OLD per sample)
     batch_size: int = 128          # contrastive batch size of base-CLIP training
     lr: float = 1e-3               # AdamW peak learning rate (linear warmup, cosine decay)
     weight_decay: float = 0.1      # AdamW weight decay on matrices

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 import json
 import zlib
 from dataclasses import dataclass, field
@@ -38,11 +39,13 @@ COLOURS = {
     "blue": (45, 85, 215), "navy": (30, 35, 120), "purple": (135, 55, 180),
     "pink": (235, 120, 175), "brown": (120, 75, 35),
 }
+COLOUR_NAMES = tuple(COLOURS)
 SIZES = ("small", "medium", "large")
 SIZE_RADIUS = {"small": (0.075, 0.10), "medium": (0.12, 0.15), "large": (0.17, 0.21)}  # x image size
 TEXTURES = ("plain", "striped", "dotted", "checkered")
 BACKGROUNDS = {"white": (238, 238, 238), "gray": (140, 140, 140), "black": (22, 22, 22),
                "beige": (225, 210, 175)}
+BACKGROUND_NAMES = tuple(BACKGROUNDS)
 RELATIONS = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 SPLIT_KINDS = {"train": "image-text-shards", "eval": "multi-caption-eval-shards",
                "text": "text-shards", "zeroshot": "zeroshot-shards"}
@@ -98,35 +101,36 @@ def split_rng(seed: int, split: str) -> np.random.Generator:
 def _place(rng: np.random.Generator, radius: float, placed: list[Obj]) -> tuple[float, float]:
     """Rejection-sample a centre inside the frame that does not overlap placed objects much."""
     for _ in range(50):
-        cx, cy = rng.uniform(radius, 1 - radius, size=2)
-        if all(np.hypot(cx - o.cx, cy - o.cy) > 0.85 * (radius + o.radius) for o in placed):
-            return float(cx), float(cy)
-    return float(cx), float(cy)   # crowded frame: accept the overlap rather than loop forever
+        cx, cy = (float(v) for v in rng.uniform(radius, 1 - radius, size=2))
+        if all(math.hypot(cx - o.cx, cy - o.cy) > 0.85 * (radius + o.radius) for o in placed):
+            return cx, cy
+    return cx, cy   # crowded frame: accept the overlap rather than loop forever
 
 
 def sample_object(rng: np.random.Generator, placed: list[Obj], shape: str | None = None,
                   colour: str | None = None, sizes: tuple[str, ...] = SIZES) -> Obj:
-    shape = shape or SHAPES[rng.integers(len(SHAPES))]
-    colour = colour or list(COLOURS)[rng.integers(len(COLOURS))]
-    size = sizes[rng.integers(len(sizes))]
-    texture = TEXTURES[rng.integers(len(TEXTURES))]
+    # One vectorised draw for the categorical attributes: numpy calls dominate scene sampling.
+    i_shape, i_colour, i_size, i_tex = rng.integers(0, (len(SHAPES), len(COLOURS), len(sizes),
+                                                        len(TEXTURES)))
+    shape = shape or SHAPES[i_shape]
+    colour = colour or COLOUR_NAMES[i_colour]
+    size = sizes[i_size]
     radius = float(rng.uniform(*SIZE_RADIUS[size]))
     cx, cy = _place(rng, radius, placed)
-    return Obj(shape, colour, size, texture, cx, cy, radius)
+    return Obj(shape, colour, size, TEXTURES[i_tex], cx, cy, radius)
 
 
 def _clutter(rng: np.random.Generator) -> list:
     """0-3 tiny unmentioned specks: distractors the encoders must learn to ignore."""
-    out = []
-    for _ in range(int(rng.integers(0, 4))):
-        rgb = tuple(int(v) for v in rng.integers(0, 256, size=3))
-        out.append((float(rng.uniform(0.03, 0.97)), float(rng.uniform(0.03, 0.97)), rgb))
-    return out
+    k = int(rng.integers(0, 4))
+    xy, rgb = rng.uniform(0.03, 0.97, (k, 2)), rng.integers(0, 256, (k, 3))
+    return [(float(x), float(y), tuple(int(v) for v in c)) for (x, y), c in zip(xy, rgb)]
 
 
 def sample_scene(rng: np.random.Generator) -> Scene:
-    n = int(rng.choice([1, 2, 3], p=[0.15, 0.6, 0.25]))
-    background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
+    u = rng.random()
+    n = 1 if u < 0.15 else (2 if u < 0.75 else 3)      # 15% / 60% / 25%
+    background = BACKGROUND_NAMES[rng.integers(len(BACKGROUNDS))]
     objects: list[Obj] = []
     for _ in range(n):
         objects.append(sample_object(rng, objects))
@@ -297,7 +301,7 @@ def _zeroshot_samples(seed: int, n: int, image_size: int) -> Iterator[dict]:
         label = i % len(classes)   # balanced classes
         colour, shape = classes[label].split(" ")
         obj = sample_object(rng, [], shape=shape, colour=colour, sizes=("medium", "large"))
-        scene = Scene(list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))], [obj], _clutter(rng))
+        scene = Scene(BACKGROUND_NAMES[rng.integers(len(BACKGROUNDS))], [obj], _clutter(rng))
         yield {"__key__": f"zeroshot{i:07d}", "jpg": jpeg_bytes(render(scene, rng, image_size)),
                "txt": f"a photo of a {classes[label]}.", "cls": str(label),
                "json": json.dumps(scene.meta()).encode()}
