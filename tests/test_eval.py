@@ -264,3 +264,14 @@ def test_ablation_merges_methods_and_seeds(tmp_path):
     out_md = tmp_path / "abl.md"
     ablation.main([f"renamed={runs[('xbt', 0)]}", "--out", str(out_md)])
     assert "| renamed | 1 |" in out_md.read_text()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_matches_cpu():
+    views, c2i = _world(n=50, caps=3)
+    cpu = compatibility_report(views, c2i, chunk_size=7)
+    gpu = compatibility_report(views, c2i, chunk_size=7, device="cuda")
+    for name, case in cpu["cases"].items():
+        for d in ("t2i", "i2t"):
+            for k in ("R@1", "R@5", "R@10"):
+                assert gpu["cases"][name][d][k] == pytest.approx(case[d][k], abs=0.03)

@@ -137,7 +137,8 @@ def verdict(cases: Mapping, verdict_ks: Sequence[int] = (1, 5), margin: float = 
 
 def compatibility_report(views: Mapping, caption_to_image, ks: Sequence[int] = DEFAULT_KS,
                          verdict_ks: Sequence[int] = (1, 5), margin: float = 0.0,
-                         chunk_size: int | None = None, candidate: str = "xbt") -> dict:
+                         chunk_size: int | None = None, candidate: str = "xbt",
+                         device: str | torch.device = "cpu") -> dict:
     """All compatibility cases, the verdict and the on-off check, as a JSON-able dict.
 
     Returns {"eval_set": {...}, "dims": {view: d}, "cases": {"Q/G": {"query", "gallery", "label",
@@ -164,7 +165,8 @@ def compatibility_report(views: Mapping, caption_to_image, ks: Sequence[int] = D
                     f"{how} to {d_g} dims (naive drop-in swap)")
             q_img, q_txt = align_dim(q_img, d_g), align_dim(q_txt, d_g)
         res = retrieval_recalls(q_img, q_txt, caption_to_image, ks, chunk_size,
-                                image_gallery=v[g]["image"], text_gallery=v[g]["text"])
+                                image_gallery=v[g]["image"], text_gallery=v[g]["text"],
+                                device=device)
         cases[name] = {"query": q, "gallery": g, "label": CASE_LABELS[name], **res}
         if note:
             cases[name]["note"] = note
@@ -190,7 +192,7 @@ def compatibility_report(views: Mapping, caption_to_image, ks: Sequence[int] = D
 
 def zero_shot_report(views: Mapping, labels, ks: Sequence[int] = (1, 5),
                      cases: Sequence[tuple[str, str]] = ZERO_SHOT_CASES,
-                     chunk_size: int | None = None) -> dict:
+                     chunk_size: int | None = None, device: str | torch.device = "cpu") -> dict:
     """Zero-shot accuracy per (image view / class-text view) case.
 
     `views[name]` = {"image": (N, d) image embeddings, "classes": (C, d) class text embeddings or
@@ -209,7 +211,7 @@ def zero_shot_report(views: Mapping, labels, ks: Sequence[int] = (1, 5),
             how = "truncated" if img.shape[1] > cls.shape[-1] else "zero-padded"
             note = f"{img_view} images {how} from {img.shape[1]} to {cls.shape[-1]} dims"
             img = align_dim(img, cls.shape[-1])
-        res = zero_shot_accuracy(img, cls, labels, ks, chunk_size)
+        res = zero_shot_accuracy(img, cls, labels, ks, chunk_size, device)
         out[f"{img_view}/{cls_view}"] = {"image_view": img_view, "class_view": cls_view, **res}
         if note:
             out[f"{img_view}/{cls_view}"]["note"] = note
