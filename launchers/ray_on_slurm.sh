@@ -232,6 +232,16 @@ set -e
 STAGE_PID=
 echo "ray_on_slurm.sh: stage exited with $RC" | tee -a "$LOG_DIR/job.txt"
 
+# A finished stage-2 run is evaluated right away (XBT_EVAL=0 skips it), so the job leaves the
+# compatibility report next to the adapters. Eval runs in this process, not on the Ray cluster.
+if [[ $RC -eq 0 && $STAGE == train && -z ${XBT_CMD:-} && ${XBT_EVAL:-1} == 1 ]]; then
+  set +e
+  xbt eval --config "$CONFIG" "$@" 2>&1 | tee -a "$LOG_DIR/stage.log"
+  RC=${PIPESTATUS[0]}
+  set -e
+  echo "ray_on_slurm.sh: eval exited with $RC" | tee -a "$LOG_DIR/job.txt"
+fi
+
 if [[ $GOT_SIGNAL == USR1 && $RC -ne 0 && ${XBT_SELF_REQUEUE:-1} == 1 ]]; then
   # The stage saved a checkpoint; put the job back in the queue. The requeued run starts this
   # script again and the stage continues with --resume.

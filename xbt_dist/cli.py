@@ -65,7 +65,7 @@ def cmd_stage(args) -> int:
         from xbt_dist.train.stage1 import run_stage1 as fn
     else:
         from xbt_dist.train.stage2 import run_stage2 as fn
-    install_stop_handlers()
+    install_stop_handlers(cfg.stage_dir("phi" if args.cmd == "pretrain-phi" else "train"))
     try:
         _print(run_stage(fn, cfg, resume=args.resume))
     except StopRequested as e:
@@ -147,22 +147,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3])
     p.add_argument("--quick", action="store_true", help="seconds-long smoke run (tiny world)")
     p.set_defaults(fn=cmd_demo)
-    _optional(sub, "xbt_dist.prep.cli", "add_prep_parser")
-    _optional(sub, "launchers.submit", "add_submit_parser")
+    from xbt_dist.prep.cli import add_prep_parser
+    add_prep_parser(sub)
+    # Listed for --help; main() hands its arguments to launchers/submit.py untouched.
+    sub.add_parser("submit", add_help=False,
+                   help="submit stages or the whole pipeline to SLURM with submitit (launchers/submit.py)")
     return ap
 
 
-def _optional(sub, module: str, fn: str) -> None:
-    """Subcommands whose modules may be absent (launchers/ is not part of a wheel install)."""
-    try:
-        mod = __import__(module, fromlist=[fn])
-    except ImportError:
-        return
-    if hasattr(mod, fn):
-        getattr(mod, fn)(sub)
+def cmd_submit(argv: list[str]) -> int:
+    # launchers/ lives beside the package in the repository, not inside it: load it by path.
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "launchers" / "submit.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: `xbt submit` needs the repository checkout "
+                                "(pip install -e .), or run launchers/submit.py directly")
+    spec = importlib.util.spec_from_file_location("xbt_launchers_submit", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # it registers itself with cloudpickle by module name
+    spec.loader.exec_module(mod)
+    return mod.main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["submit"]:
+        return cmd_submit(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)

@@ -36,18 +36,24 @@ class StopRequested(Exception):
 _signalled = False
 
 
-def _on_signal(signum, frame):
-    global _signalled
-    _signalled = True
-    print(f"[xbt] signal {signum}: checkpointing at the next step, then stopping", file=sys.stderr)
+def install_stop_handlers(stage_dir: str) -> None:
+    """Route SIGUSR1/SIGTERM to a checkpoint-and-stop (main thread only).
 
+    The handler also drops a STOP file in the stage dir: on Ray the signal reaches this driver
+    process, not the workers, and the workers watch for that file.
+    """
+    def on_signal(signum, frame):
+        global _signalled
+        _signalled = True
+        Path(stage_dir).mkdir(parents=True, exist_ok=True)
+        (Path(stage_dir) / STOP_FILE).touch()
+        print(f"[xbt] signal {signum}: checkpointing at the next log step, then stopping",
+              file=sys.stderr, flush=True)
 
-def install_stop_handlers() -> None:
-    """Route SIGUSR1/SIGTERM to a checkpoint-and-stop (main thread only)."""
     try:
-        signal.signal(signal.SIGUSR1, _on_signal)
-        signal.signal(signal.SIGTERM, _on_signal)
-    except ValueError:  # not the main thread (e.g. inside a Ray actor): STOP file still works
+        signal.signal(signal.SIGUSR1, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+    except ValueError:  # not the main thread: the STOP file still works
         pass
 
 
@@ -90,6 +96,10 @@ def run_loop(*, name: str, ctx: WorkerContext, backend, stream, step_fn: Callabl
              resume: bool = False, tb_dir: str | None = None) -> LoopState:
     ckpt = Checkpointer(stage_dir, rank=ctx.rank, barrier=ctx.barrier)
     state = LoopState()
+    stop_file = Path(stage_dir) / STOP_FILE
+    if ctx.is_main and stop_file.exists() and not _signalled:
+        stop_file.unlink()  # left by the stop that preceded this (resumed) run
+    ctx.barrier()
     if resume and (loaded := ckpt.load()) is not None:
         d, trainable, mine = loaded
         load_trainable(trainable)
@@ -111,7 +121,6 @@ def run_loop(*, name: str, ctx: WorkerContext, backend, stream, step_fn: Callabl
 
     local_batch = global_batch // ctx.world_size
     progress = Progress(name, total_steps, local_batch, ctx.world_size, ctx.rank, log_every, tb_dir)
-    stop_file = Path(stage_dir) / STOP_FILE
     batches = endless(stream)
     backend.module.train()
     while state.step < total_steps:
