@@ -83,10 +83,10 @@ def ablation_table(results: Iterable[tuple[str, Mapping]],
     rows = []
     if reference:
         first = next(iter(grouped.values()))[0]
-        ref_cols = [(("old/old" if c == "xbt/old" else c), d, m) for c, d, m in columns]
+        # old/old under each xbt/old column: the bar that column must clear (Eqn 1)
         rows.append(["old/old (reference)", "-"]
-                    + [_cell([_value(first, c, d, m)]) if c == "old/old" else "-"
-                       for c, d, m in ref_cols] + ["-"])
+                    + [_cell([_value(first, "old/old", d, m)]) if c == "xbt/old" else "-"
+                       for c, d, m in columns] + ["-"])
     for name, runs in grouped.items():
         judged = [r["compat"]["verdict"].get("compatible") for r in runs]
         judged = [j for j in judged if j is not None]     # None: no candidate view in that run
