@@ -22,6 +22,7 @@ import torch
 
 from xbt_dist.config import RunConfig
 from xbt_dist.eval.ablation import ablation_table
+from xbt_dist.eval.compat import verdict
 from xbt_dist.eval.evaluate import run_eval
 from xbt_dist.pipeline import embed_for_config, run_stage, toy_run_config
 from xbt_dist.toy import ToyWorldConfig, build_toy_world
@@ -62,9 +63,7 @@ def run_seed(seed: int, out: Path, variants: list[str], overrides: list[str]) ->
             phi_only = copy.deepcopy(res)
             cases = phi_only["compat"]["cases"]
             cases["xbt/old"], cases["xbt/xbt"] = cases["phi/old"], {"t2i": {}, "i2t": {}}
-            phi_only["compat"]["verdict"]["compatible"] = all(
-                cases["phi/old"][d][f"R@{k}"] >= cases["old/old"][d][f"R@{k}"]
-                for d in ("t2i", "i2t") for k in (1, 5))
+            phi_only["compat"]["verdict"] = verdict(res["compat"]["cases"], candidate="phi")
             results.append(("phi-only (stage 1)", phi_only))
     return results
 
