@@ -1,0 +1,301 @@
+"""DeepSpeed engine as a training `Backend`: ZeRO 0-3, AdamW, warmup + cosine, accumulation, clipping.
+
+The stage loops are written against `xbt_dist.train.backend.Backend`; on a Ray Train worker
+`make_deepspeed_backend(dist_cfg)` is the `WorkerContext.make_backend` factory, so the same loop
+runs plain PyTorch locally and a DeepSpeed engine per worker. Only this package imports deepspeed.
+
+What DeepSpeed does for us here, and what it costs:
+- gradient averaging over ranks (the global-batch InfoNCE relies on it, see `xbt_dist.losses`);
+- ZeRO 1/2 shard optimiser state / gradients; ZeRO-3 also shards parameters, which means any
+  trainable tensor read outside a forward (saving adapters, phi) must be gathered first: use
+  `backend.gathered()` (a collective, every rank must enter it);
+- bf16 on GPU; fp32 on CPU (`DS_ACCELERATOR=cpu`, gloo), where DeepSpeed has no bf16 kernels.
+
+ZeRO-3 and the XBT model: base CLIP towers are frozen and only adapters, soft prompts and phi train.
+ZeRO-3 fetches a parameter in the pre-forward hook of the module that owns it, which breaks for
+parameters read by *another* module's forward or by a non-forward method: open_clip's
+`nn.MultiheadAttention` reads `out_proj.weight` itself (out_proj.forward never runs), peft's LoRA
+wrapper of MHA merges into those weights, and `CLIP.encode_text` reads `text_projection` and
+`positional_embedding` outside any forward. `prepare_zero3` fixes both cases (see there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Callable, ContextManager
+
+import torch
+from torch import nn
+
+from xbt_dist.config import DistConfig, OptimConfig
+from xbt_dist.train.backend import param_groups, warmup_cosine
+
+log = logging.getLogger(__name__)
+
+# Keys of a DeepSpeed JSON that we always own: they are derived from the typed config so that
+# the batch arithmetic and the optimiser can never disagree with the loop.
+_OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+               "gradient_clipping", "optimizer", "scheduler")
+
+
+def build_ds_config(dist_cfg: DistConfig, optim: OptimConfig, local_batch: int, world_size: int,
+                    on_gpu: bool) -> dict:
+    """DeepSpeed config dict from `dist.deepspeed_config` (a JSON) or from `dist.zero_stage`.
+
+    A JSON's `zero_optimization.stage` wins over `dist.zero_stage` (the JSON is the specific
+    choice); batch sizes, accumulation, clipping and precision are always filled in from the typed
+    config, and `optimizer`/`scheduler` sections are dropped because we pass our own.
+    """
+    if local_batch < 1:
+        raise ValueError(f"local batch {local_batch} < 1: the global batch must be >= dist.workers")
+    cfg: dict = {}
+    if dist_cfg.deepspeed_config:
+        path = Path(dist_cfg.deepspeed_config)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"dist.deepspeed_config={str(path)!r} not found (shipped configs are in cluster/deepspeed/)")
+        cfg = json.loads(path.read_text())
+        dropped = [k for k in ("optimizer", "scheduler") if k in cfg]
+        if dropped:
+            log.warning("%s: ignoring %s; AdamW + warmup/cosine come from the optim config", path, dropped)
+    for k in _OWNED_KEYS:
+        cfg.pop(k, None)
+    zero = cfg.setdefault("zero_optimization", {})
+    zero.setdefault("stage", dist_cfg.zero_stage)
+    cfg.update({
+        "train_micro_batch_size_per_gpu": int(local_batch),
+        "gradient_accumulation_steps": int(optim.grad_accum),
+        "train_batch_size": int(local_batch) * int(optim.grad_accum) * int(world_size),
+        "gradient_clipping": float(optim.grad_clip),
+        # A torch optimiser under ZeRO is "untested" for DeepSpeed; AdamW is fine.
+        "zero_allow_untested_optimizer": True,
+    })
+    cfg.setdefault("steps_per_print", 10 ** 9)  # our progress line does the logging
+    cfg.setdefault("wall_clock_breakdown", False)
+    if on_gpu:
+        if not cfg.get("fp16", {}).get("enabled"):
+            cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": True}
+    else:
+        # DeepSpeed's CPU accelerator has no reduced-precision optimiser path worth using: fp32.
+        cfg["bf16"] = {"enabled": False}
+        cfg["fp16"] = {"enabled": False}
+    return cfg
+
+
+# -- ZeRO-3 preparation ----------------------------------------------------------------------
+
+def _leaf_classes() -> list[type]:
+    """Module classes whose forward reads their children's weights directly (ZeRO-3 leaves)."""
+    classes: list[type] = [nn.MultiheadAttention]
+    try:  # peft wraps MHA and merges LoRA into in_proj/out_proj weights inside its own forward
+        from peft.tuners.lora.layer import MultiheadAttention as LoraMHA
+        classes.append(LoraMHA)
+    except ImportError:
+        pass
+    try:  # reads its frozen LayerNorm's weight/bias next to the deltas, outside LN.forward
+        from xbt_dist.models.adapters import LayerNormDelta
+        classes.append(LayerNormDelta)
+    except ImportError:
+        pass
+    return classes
+
+
+def prepare_zero3(module: nn.Module) -> tuple[int, int]:
+    """Make a model with non-forward parameter reads safe under ZeRO-3; returns (leaves, external).
+
+    1. Attention modules (and xbt's LayerNormDelta) become ZeRO-3 *leaf* modules: all their parameters (including children's)
+       are fetched at the attention forward. Cost: one attention block's weights live unsharded
+       during its forward, which is what a forward needs anyway.
+    2. Direct parameters of container modules (modules with both own params and children, e.g.
+       CLIP's `text_projection`, `positional_embedding`, `logit_scale`, ViT class/pos embeddings,
+       soft prompts held next to the towers) are registered as *external* parameters of the root,
+       so they are gathered for the whole root forward whichever method reads them. They are
+       small (O(width^2) per tower) next to the sharded transformer blocks.
+    The loop must therefore run the model through `backend.module(...)` (the root forward).
+    """
+    from deepspeed.utils import set_z3_leaf_modules
+    import deepspeed
+
+    leaf_types = tuple(_leaf_classes())
+    # A model can also opt a module class in with a `_z3_leaf = True` class attribute.
+    leaf_mods = [m for m in module.modules() if isinstance(m, leaf_types) or getattr(m, "_z3_leaf", False)]
+    present = sorted({type(m) for m in leaf_mods}, key=str)
+    leaves = len(set_z3_leaf_modules(module, present)) if present else 0
+    inside_leaf = {id(p) for m in leaf_mods for p in m.parameters()}
+    external = 0
+    for m in module.modules():
+        if m is module or not any(True for _ in m.children()):
+            continue
+        for p in m.parameters(recurse=False):
+            if id(p) not in inside_leaf:
+                deepspeed.zero.register_external_parameter(module, p)
+                external += 1
+    return leaves, external
+
+
+def _patch_zero_dim_broadcast() -> None:
+    """Let DeepSpeed broadcast 0-dim parameters (CLIP's `logit_scale`, a learnt temperature).
+
+    `DeepSpeedEngine._broadcast_model` does `p.data.view(torch.uint8)`, which raises for 0-dim
+    float tensors ("self.dim() cannot be 0 to view Float as Byte"). The broadcast runs inside
+    `initialize`, before ZeRO flattens anything, so viewing those parameters as shape (1,) for the
+    duration of the call and restoring shape () afterwards is exact (same storage).
+    """
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    original = DeepSpeedEngine._broadcast_model
+    if getattr(original, "_xbt_zero_dim_safe", False):
+        return
+
+    def broadcast_model(self):
+        zero_dim = [p for p in self.module.parameters() if p.dim() == 0]
+        for p in zero_dim:
+            p.data = p.data.reshape(1)
+        try:
+            original(self)
+        finally:
+            for p in zero_dim:
+                p.data = p.data.reshape(())
+
+    broadcast_model._xbt_zero_dim_safe = True
+    DeepSpeedEngine._broadcast_model = broadcast_model
+
+
+# -- backend ---------------------------------------------------------------------------------
+
+class DeepSpeedBackend:
+    """The `Backend` protocol around `deepspeed.initialize`.
+
+    `module` is the engine: calling it runs the model's forward with ZeRO hooks, and attribute
+    access falls through to the wrapped model (`backend.module.encode_text(...)` works, but under
+    ZeRO-3 prefer the root forward, see `prepare_zero3`). `model` is the wrapped nn.Module.
+    """
+
+    def __init__(self, module: nn.Module, optim: OptimConfig, total_steps: int, local_batch: int,
+                 dist_cfg: DistConfig, world_size: int = 1, on_gpu: bool = False):
+        import deepspeed
+
+        self.cfg = optim
+        self.ds_config = build_ds_config(dist_cfg, optim, local_batch, world_size, on_gpu)
+        self.zero_stage = int(self.ds_config["zero_optimization"]["stage"])
+        if dist_cfg.activation_checkpointing:
+            _enable_grad_checkpointing(module)
+        # 0-dim params: see _patch_zero_dim_broadcast; ZeRO-3 partitioning also views params as
+        # bytes, so there they live as shape (1,) and `gathered()` shows them as () again.
+        self._zero_dim = [p for p in module.parameters() if p.dim() == 0] if self.zero_stage == 3 else []
+        for p in self._zero_dim:
+            p.data = p.data.reshape(1)
+        if self.zero_stage == 3:
+            leaves, ext = prepare_zero3(module)
+            log.info("ZeRO-3: %d attention leaf modules, %d external params", leaves, ext)
+        # Collect trainable params before initialize: ZeRO-3 replaces .data with empty shards and
+        # param_groups() classifies by shape.
+        groups = param_groups(module, optim.weight_decay)
+        if not any(g["params"] for g in groups):
+            raise ValueError("the model has no trainable parameters: check `adapters` and `train.method`")
+        # Frozen base weights never reach the optimiser, so ZeRO keeps no state for them.
+        optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=(0.9, 0.98), eps=1e-6)
+        schedule = warmup_cosine(optim.warmup_steps, total_steps)
+        _patch_zero_dim_broadcast()
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=module, optimizer=optimizer, config=self.ds_config,
+            # a callable: DeepSpeed binds it to its (possibly ZeRO-wrapped) base optimiser
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+        self.module = self.engine
+        self.model = module
+
+    # -- Backend protocol --------------------------------------------------------------------
+    def backward(self, loss: torch.Tensor) -> None:
+        # DeepSpeed divides by gradient_accumulation_steps itself (mean over micro-batches).
+        self.engine.backward(loss)
+
+    def step(self) -> bool:
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        # Every micro-batch goes through engine.step(): it counts micro-steps and, at a boundary,
+        # clips, steps AdamW and the scheduler, and zeroes gradients.
+        self.engine.step()
+        return bool(boundary)
+
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    def gathered(self, modifier_rank: int | None = None) -> ContextManager:
+        """Full trainable tensors inside the block (ZeRO-3: a collective gather; else no-op).
+
+        Use `modifier_rank=0` when rank 0 writes into the tensors (loading adapters) so the
+        change is broadcast and re-partitioned on exit.
+        """
+        if self.zero_stage != 3:
+            return contextlib.nullcontext()
+        return self._gathered_zero3(modifier_rank)
+
+    @contextlib.contextmanager
+    def _gathered_zero3(self, modifier_rank: int | None):
+        import deepspeed
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
+            # Show 0-dim params in their model shape so state dicts match a single-device model.
+            for p in self._zero_dim:
+                p.data = p.data.reshape(())
+            try:
+                yield
+            finally:
+                for p in self._zero_dim:
+                    p.data = p.data.reshape(1)
+
+    def state_dict(self) -> dict:
+        # Optimiser/scheduler state lives in the engine checkpoint (`save`), sharded per rank.
+        return {"engine": "deepspeed", "global_steps": int(self.engine.global_steps),
+                "micro_steps": int(self.engine.micro_steps)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("engine") not in (None, "deepspeed"):
+            raise ValueError(f"checkpoint backend state {state.get('engine')!r} is not a DeepSpeed one: "
+                             "resume with the backend that wrote it (dist.backend)")
+
+    # -- engine checkpoints (Checkpointer.save(save_backend=backend.save)) -------------------
+    def save(self, directory: str | Path) -> None:
+        """Collective: every rank writes its ZeRO shards of params/optimiser/scheduler."""
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        self.engine.save_checkpoint(str(directory), tag="engine", save_latest=False)
+
+    def load(self, directory: str | Path) -> None:
+        """Collective: restore module, optimiser and scheduler state written by `save`."""
+        path, _ = self.engine.load_checkpoint(str(directory), tag="engine", load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed engine checkpoint under {directory}")
+
+
+def _enable_grad_checkpointing(module: nn.Module) -> None:
+    """Turn on activation checkpointing in every submodule that supports it (open_clip towers)."""
+    found = False
+    for m in module.modules():
+        fn = getattr(m, "set_grad_checkpointing", None)
+        if callable(fn) and m is not module:
+            fn(True)
+            found = True
+    if not found:
+        log.warning("dist.activation_checkpointing=true but no submodule has set_grad_checkpointing")
+
+
+def make_deepspeed_backend(dist_cfg: DistConfig, world_size: int | None = None,
+                           on_gpu: bool | None = None) -> Callable:
+    """`WorkerContext.make_backend` factory: (module, optim, total_steps, local_batch) -> backend."""
+    def make(module: nn.Module, optim: OptimConfig, total_steps: int, local_batch: int) -> DeepSpeedBackend:
+        import torch.distributed as dist
+
+        ws = world_size if world_size is not None else (dist.get_world_size() if dist.is_initialized() else 1)
+        gpu = on_gpu if on_gpu is not None else (dist_cfg.use_gpu and torch.cuda.is_available())
+        return DeepSpeedBackend(module, optim, total_steps, local_batch, dist_cfg, ws, gpu)
+    return make
+
+
+def set_cpu_accelerator() -> None:
+    """Must run before deepspeed is imported: its accelerator is chosen once, at import."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -1,0 +1,186 @@
+"""Run a stage function as a Ray Train job: N workers, each a DeepSpeed engine, one code path.
+
+    from xbt_dist.dist.ray_runner import run_on_ray
+    from xbt_dist.train.stage1 import run_stage1
+    result = run_on_ray(run_stage1, cfg)            # cfg.dist: workers, use_gpu, zero_stage, ...
+
+The driver connects to `cfg.dist.ray_address` or `$RAY_ADDRESS` (an existing cluster: SLURM,
+KubeRay, `ray start`), or starts a local Ray with the dashboard bound to 127.0.0.1. A
+`TorchTrainer` starts `dist.workers` workers (gloo on CPU, NCCL on GPU); each builds a
+`WorkerContext` from `ray.train.get_context()` with the DeepSpeed backend factory and calls
+`stage_fn(cfg, ctx, resume=...)`. Rank 0's returned dict comes back as the result.
+
+Fault tolerance: Ray's `FailureConfig(max_failures)` restarts the whole worker group after a
+worker dies. Ray checkpoints are not used: the stage's own `Checkpointer` (under cfg.out_dir) is
+the source of truth, so a restarted group calls the stage with `resume=True` and it continues
+from `latest`. A restart is detected with per-launch marker files (a rank that finds its marker
+from an earlier attempt is on attempt > 0); they live under the Ray storage path, which must be
+shared by all nodes (as cfg.out_dir must).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from xbt_dist.config import DistConfig, RunConfig
+from xbt_dist.train.checkpoint import is_remote
+
+# Driver environment variables forwarded to workers (Ray workers do not inherit the driver's env).
+FORWARD_ENV_PREFIXES = ("XBT_", "DS_", "NCCL_", "GLOO_", "TORCH_", "OMP_NUM_THREADS")
+
+
+def connect_ray(dist_cfg: DistConfig, include_dashboard: bool | None = None,
+                dashboard_host: str = "127.0.0.1", num_cpus: int | None = None) -> bool:
+    """Attach to `dist.ray_address` / `$RAY_ADDRESS`, or start a local Ray; True if we started it.
+
+    A local Ray gets at least `workers * cpus_per_worker` CPUs so a laptop with fewer cores still
+    schedules the job (oversubscribed, which is what a CPU smoke run wants). The dashboard listens
+    on localhost only unless `dashboard_host` says otherwise: it executes arbitrary jobs.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = dist_cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return False
+    need = dist_cfg.workers * dist_cfg.cpus_per_worker
+    ray.init(num_cpus=num_cpus or max(need, os.cpu_count() or 1),
+             num_gpus=(None if dist_cfg.use_gpu else 0),
+             include_dashboard=bool(include_dashboard), dashboard_host=dashboard_host,
+             log_to_driver=True)
+    return True
+
+
+def _storage_path(cfg: RunConfig, storage_path: str | None) -> str:
+    if storage_path:
+        return storage_path
+    if is_remote(cfg.out_dir):  # Ray takes fsspec-style URLs for its own storage too
+        return f"{cfg.out_dir.rstrip('/')}/ray"
+    return str((Path(cfg.out_dir) / "ray").resolve())
+
+
+def _json_safe(d: dict) -> dict:
+    """Ray metrics must be plain data; tensors and paths become numbers and strings."""
+    def conv(v):
+        if isinstance(v, torch.Tensor):
+            return v.item() if v.numel() == 1 else v.tolist()
+        if isinstance(v, float) and not math.isfinite(v):
+            return str(v)
+        return v
+    return json.loads(json.dumps({k: conv(v) for k, v in d.items()}, default=str))
+
+
+def _attempt(marker_dir: str | None, rank: int) -> int:
+    """0 on the first start of this rank in this launch, 1+ after Ray restarted the group."""
+    if marker_dir is None:
+        return 0
+    d = Path(marker_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    n = 0
+    while True:
+        try:  # O_EXCL: the first creator of attempt n's marker is attempt n
+            os.close(os.open(d / f"rank{rank:05d}.attempt{n}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return n
+        except FileExistsError:
+            n += 1
+
+
+def _worker_entry(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    for k, v in config["env"].items():
+        os.environ[k] = v
+    cfg: RunConfig = config["cfg"]
+    on_gpu = cfg.dist.use_gpu and torch.cuda.is_available()
+    if not on_gpu:
+        # Before anything imports deepspeed: its accelerator is fixed at import time.
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    import ray.train
+    import torch.distributed as dist
+
+    from xbt_dist.dist.deepspeed_backend import make_deepspeed_backend
+    from xbt_dist.train.context import WorkerContext
+
+    tctx = ray.train.get_context()
+    rank, world_size = tctx.get_world_rank(), tctx.get_world_size()
+    if on_gpu:
+        import ray.train.torch
+        device = ray.train.torch.get_device()
+    else:
+        device = torch.device("cpu")
+    # Some torch builds leave OMP at 1 thread in Ray workers; honour cpus_per_worker instead.
+    torch.set_num_threads(max(1, int(cfg.dist.cpus_per_worker)))
+
+    def any_rank(flag: bool) -> bool:
+        t = torch.tensor([1 if flag else 0], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def report(metrics: dict) -> None:
+        # Collective in Ray Train v2: every rank reports at the same log points (the loop does).
+        ray.train.report(_json_safe({**metrics, "rank": rank}))
+
+    attempt = _attempt(config["marker_dir"], rank)
+    if attempt and rank == 0:
+        print(f"[xbt] Ray restarted the worker group (attempt {attempt}): resuming from the latest "
+              "checkpoint", file=sys.stderr, flush=True)
+    ctx = WorkerContext(rank=rank, world_size=world_size, local_rank=tctx.get_local_rank(), device=device,
+                        make_backend=make_deepspeed_backend(cfg.dist, world_size, on_gpu),
+                        report=report if config["report"] else None,
+                        barrier=dist.barrier, any_rank=any_rank)
+    result = config["stage_fn"](cfg, ctx, resume=bool(config["resume"] or attempt > 0), **config["kwargs"])
+    final = dict(result or {})
+    final.update(rank=rank, world_size=world_size, attempt=attempt, final=True)
+    ray.train.report(_json_safe(final))
+
+
+def run_on_ray(stage_fn: Callable, cfg: RunConfig, resume: bool = False, *, name: str | None = None,
+               storage_path: str | None = None, include_dashboard: bool | None = None,
+               report_progress: bool = True, shutdown: bool | None = None, **kwargs: Any) -> dict:
+    """Run `stage_fn(cfg, ctx, resume=..., **kwargs)` on `cfg.dist.workers` Ray Train workers.
+
+    Returns rank 0's final dict (the stage's result plus `world_size`, `attempt`). Raises the
+    worker's error (wrapped by Ray) when the job fails after `dist.max_failures` restarts.
+    `shutdown`: stop a Ray we started once done (default: yes when we started it).
+    """
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    d = cfg.dist
+    started = connect_ray(d, include_dashboard=include_dashboard)
+    try:
+        resources = {"CPU": d.cpus_per_worker}
+        if d.use_gpu:
+            resources["GPU"] = d.gpus_per_worker
+        run_name = name or f"{cfg.name}-{getattr(stage_fn, '__name__', 'stage')}-{uuid.uuid4().hex[:8]}"
+        storage = _storage_path(cfg, storage_path)
+        marker_dir = None if is_remote(storage) else f"{storage}/{run_name}/attempts"
+        env = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_ENV_PREFIXES)}
+        trainer = TorchTrainer(
+            _worker_entry,
+            train_loop_config={"stage_fn": stage_fn, "cfg": cfg, "resume": resume, "kwargs": kwargs,
+                               "env": env, "marker_dir": marker_dir, "report": report_progress},
+            scaling_config=ray.train.ScalingConfig(num_workers=d.workers, use_gpu=d.use_gpu,
+                                                   resources_per_worker=resources),
+            torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
+            run_config=ray.train.RunConfig(
+                name=run_name, storage_path=storage,
+                failure_config=ray.train.FailureConfig(max_failures=d.max_failures)),
+        )
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+        return dict(result.metrics or {})
+    finally:
+        if shutdown if shutdown is not None else started:
+            ray.shutdown()
