@@ -33,6 +33,8 @@ import torch
 from xbt_dist.config import DistConfig, RunConfig
 from xbt_dist.train.checkpoint import is_remote
 
+RESULT_FILE = "result.json"
+
 # Driver environment variables forwarded to workers (Ray workers do not inherit the driver's env).
 FORWARD_ENV_PREFIXES = ("XBT_", "DS_", "NCCL_", "GLOO_", "TORCH_", "OMP_NUM_THREADS")
 
@@ -138,9 +140,18 @@ def _worker_entry(config: dict) -> None:
                         report=report if config["report"] else None,
                         barrier=dist.barrier, any_rank=any_rank)
     result = config["stage_fn"](cfg, ctx, resume=bool(config["resume"] or attempt > 0), **config["kwargs"])
-    final = dict(result or {})
-    final.update(rank=rank, world_size=world_size, attempt=attempt, final=True)
-    ray.train.report(_json_safe(final))
+    final = _json_safe({**dict(result or {}), "rank": rank, "world_size": world_size,
+                        "attempt": attempt, "final": True})
+    # Ray Train v2 hands back only metrics that come with a checkpoint, so rank 0 attaches a
+    # one-file checkpoint holding the result (the stage's own checkpoints stay in cfg.out_dir).
+    if rank == 0:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            Path(tmp, RESULT_FILE).write_text(json.dumps(final))
+            ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    else:
+        ray.train.report(final)
 
 
 def run_on_ray(stage_fn: Callable, cfg: RunConfig, resume: bool = False, *, name: str | None = None,
@@ -180,6 +191,9 @@ def run_on_ray(stage_fn: Callable, cfg: RunConfig, resume: bool = False, *, name
         result = trainer.fit()
         if result.error is not None:
             raise result.error
+        if result.checkpoint is not None:
+            with result.checkpoint.as_directory() as d:
+                return json.loads(Path(d, RESULT_FILE).read_text())
         return dict(result.metrics or {})
     finally:
         if shutdown if shutdown is not None else started:

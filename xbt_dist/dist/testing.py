@@ -46,6 +46,9 @@ class LinearPhi(nn.Module):
         self.log_logit_scale = nn.Parameter(torch.tensor(2.0))
         # A frozen parameter, as the real models carry frozen base weights next to the adapters.
         self.frozen = nn.Linear(d_in, d_in)
+        with torch.no_grad():  # seeded too: compared across processes with different global RNGs
+            self.frozen.weight.copy_(torch.randn(d_in, d_in, generator=g))
+            self.frozen.bias.zero_()
         self.frozen.requires_grad_(False)
 
     def forward(self, x):
@@ -212,3 +215,103 @@ def train_tiny_xbt(make_backend, rank: int, world_size: int, batch: dict, optim:
     with backend.gathered():
         state = model.trainable_state_dict() if rank == 0 else None
     return losses, state, backend
+
+
+# -- a multi-node Ray cluster on one machine ---------------------------------------------------
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalRayCluster:
+    """`nodes` Ray nodes on this machine (`ray start --head` + `ray start --address`), for tests.
+
+    Each node runs as `ray start --block` in its own session, so `stop()` ends exactly the
+    processes this object started (by process group) and never touches other users' Ray
+    instances (`ray stop` would). Per-node ports are picked free for everything that defaults to
+    a fixed number (GCS, client server, dashboard agent), since two nodes share one host.
+    """
+
+    def __init__(self, nodes: int = 2, cpus_per_node: int = 1, temp_dir: str | None = None):
+        self.nodes, self.cpus = nodes, cpus_per_node
+        self.temp_dir = temp_dir
+        self.procs: list = []
+        self.address: str | None = None
+
+    def _start_node(self, head: bool, log) -> None:
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        ray_bin = str(Path(sys.executable).parent / "ray")
+        args = [ray_bin, "start", "--block", f"--num-cpus={self.cpus}", "--num-gpus=0",
+                "--node-ip-address=127.0.0.1", "--disable-usage-stats",
+                f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
+        if head:
+            port = free_port()
+            self.address = f"127.0.0.1:{port}"
+            args += ["--head", f"--port={port}", "--include-dashboard=false",
+                     f"--ray-client-server-port={free_port()}"]
+            if self.temp_dir:
+                args.append(f"--temp-dir={self.temp_dir}")
+        else:
+            args.append(f"--address={self.address}")
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        self.procs.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                           start_new_session=True))
+
+    def start(self, timeout: float = 300.0, log=None) -> "LocalRayCluster":
+        import time
+
+        import ray
+
+        self._start_node(True, log)
+        deadline = time.time() + timeout
+        connected = False
+        while not connected:
+            try:
+                ray.init(address=self.address, log_to_driver=False)
+                connected = True
+            except Exception:  # noqa: BLE001 - GCS not up yet
+                if time.time() > deadline or self.procs[0].poll() is not None:
+                    self.stop()
+                    raise RuntimeError(f"Ray head at {self.address} did not start")
+                time.sleep(2)
+        for _ in range(self.nodes - 1):
+            self._start_node(False, log)
+        while len([n for n in ray.nodes() if n["Alive"]]) < self.nodes:
+            if time.time() > deadline or any(p.poll() is not None for p in self.procs):
+                self.stop()
+                raise RuntimeError(f"only {len(ray.nodes())} of {self.nodes} Ray nodes joined {self.address}")
+            time.sleep(1)
+        return self
+
+    def node_ids(self) -> list[str]:
+        import ray
+
+        return [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+
+    def stop(self) -> None:
+        import signal
+        import subprocess
+
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        for p in reversed(self.procs):  # workers first, head last
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        self.procs.clear()
