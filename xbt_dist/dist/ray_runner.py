@@ -97,6 +97,16 @@ def _attempt(marker_dir: str | None, rank: int) -> int:
             n += 1
 
 
+def _seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
 def _worker_entry(config: dict) -> None:
     """Runs on every Ray Train worker."""
     for k, v in config["env"].items():
@@ -131,6 +141,9 @@ def _worker_entry(config: dict) -> None:
         # Collective in Ray Train v2: every rank reports at the same log points (the loop does).
         ray.train.report(_json_safe({**metrics, "rank": rank}))
 
+    # Same seed on every rank and every restart: model init is identical across ranks (DeepSpeed
+    # also broadcasts rank 0's weights) and across attempts and reruns, so runs are reproducible.
+    _seed_everything(cfg.train.seed)
     attempt = _attempt(config["marker_dir"], rank)
     if attempt and rank == 0:
         print(f"[xbt] Ray restarted the worker group (attempt {attempt}): resuming from the latest "
