@@ -40,12 +40,13 @@ FORWARD_ENV_PREFIXES = ("XBT_", "DS_", "NCCL_", "GLOO_", "TORCH_", "OMP_NUM_THRE
 
 
 def connect_ray(dist_cfg: DistConfig, include_dashboard: bool | None = None,
-                dashboard_host: str = "127.0.0.1", num_cpus: int | None = None) -> bool:
+                dashboard_host: str | None = None, num_cpus: int | None = None) -> bool:
     """Attach to `dist.ray_address` / `$RAY_ADDRESS`, or start a local Ray; True if we started it.
 
     A local Ray gets at least `workers * cpus_per_worker` CPUs so a laptop with fewer cores still
     schedules the job (oversubscribed, which is what a CPU smoke run wants). The dashboard listens
-    on localhost only unless `dashboard_host` says otherwise: it executes arbitrary jobs.
+    on localhost only unless `dashboard_host` / `$XBT_RAY_DASHBOARD_HOST` says otherwise (it runs
+    arbitrary jobs); it is off unless `include_dashboard` or `$XBT_RAY_DASHBOARD=1`.
     """
     import ray
 
@@ -56,6 +57,9 @@ def connect_ray(dist_cfg: DistConfig, include_dashboard: bool | None = None,
         ray.init(address=address, log_to_driver=True)
         return False
     need = dist_cfg.workers * dist_cfg.cpus_per_worker
+    if include_dashboard is None:
+        include_dashboard = os.environ.get("XBT_RAY_DASHBOARD", "0") == "1"
+    dashboard_host = dashboard_host or os.environ.get("XBT_RAY_DASHBOARD_HOST", "127.0.0.1")
     ray.init(num_cpus=num_cpus or max(need, os.cpu_count() or 1),
              num_gpus=(None if dist_cfg.use_gpu else 0),
              include_dashboard=bool(include_dashboard), dashboard_host=dashboard_host,

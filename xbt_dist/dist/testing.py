@@ -310,7 +310,7 @@ class LocalRayCluster:
             except ProcessLookupError:
                 continue
             try:
-                p.wait(timeout=30)
+                p.wait(timeout=10)  # `ray start --block` often ignores SIGTERM; do not wait long
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
