@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--paper-repeats", type=int, default=1, help="stage2: repeats of the ViT-L-14 cases")
     p.add_argument("--samples", type=int, default=None, help="data: samples per measurement")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument("--flush-denormal", action="store_true",
+                   help="stage2: torch.set_flush_denormal(True) in each run (the proposed CPU fix)")
     return p
 
 
@@ -58,7 +60,8 @@ def run_bench(name: str, a: argparse.Namespace) -> dict:
     elif name == "stage2":
         from bench.stage2 import bench_stage2
         res = bench_stage2(out, cases=a.cases, device=a.device, peak_tflops=a.peak_tflops,
-                           paper_repeats=a.paper_repeats, **_kw(repeats=a.repeats, toy_root=a.toy_root))
+                           paper_repeats=a.paper_repeats, flush_denormal=a.flush_denormal,
+                           **_kw(repeats=a.repeats, toy_root=a.toy_root))
     elif name == "data":
         from bench.data import bench_data
         res = bench_data(out, **_kw(repeats=a.repeats, samples=a.samples, batch=a.batch,
@@ -79,7 +82,7 @@ def _command(name: str, a: argparse.Namespace) -> str:
 def build_table(out: Path) -> str:
     """One markdown table of every bench JSON in `out`, each block with its command."""
     parts = []
-    for name in ("stage1", "stage2", "data", "scaling", "scaling_stage2"):
+    for name in ("stage1", "stage2", "stage2_flush_denormal", "data", "scaling", "scaling_stage2"):
         f = out / f"{name}.json"
         if f.is_file():
             res = json.loads(f.read_text())

@@ -26,14 +26,16 @@ from xbt_dist.train.stage1 import run_stage1
 from xbt_dist.train.stage2 import run_stage2
 
 
-def _config(stage: str, out: Path, world: dict, workers: int, backend: str, steps: int):
+def _config(stage: str, out: Path, run: str, world: dict, workers: int, backend: str, steps: int):
+    # Absolute paths: Ray workers do not run in the driver's working directory.
+    out = out.resolve()
     if stage == "stage1":
         batch, n = 512, steps * 512
         data = random_text_embeddings(out / "data" / f"s1-768-512-{n}", n, 768, 512)
-        cfg = stage1_config(out, "embeddings", data, 2048, batch, steps, n, 4, world)
+        cfg = stage1_config(out / "runs" / run, "embeddings", data, 2048, batch, steps, n, 4, world)
     else:
-        targets = random_targets(world["train"], out.parent.parent / "data" / "targets-toy", 64)
-        cfg = stage2_config(out, world, "toy", "xbt", 64, steps, 2, targets)
+        targets = random_targets(world["train"], out / "data" / "targets-toy", 64)
+        cfg = stage2_config(out / "runs" / run, world, "toy", "xbt", 64, steps, 2, targets)
     cfg.dist.backend, cfg.dist.workers, cfg.dist.zero_stage = backend, workers, 2
     cfg.dist.cpus_per_worker = max(1, (os.cpu_count() or 1) // workers)
     return cfg
@@ -54,12 +56,13 @@ def bench_scaling(out: str | Path, stage: str = "stage1", workers: tuple[int, ..
         for label, (backend, w) in variants.items():
             if label in errors:
                 continue
-            cfg = _config(stage, out / "runs" / f"scaling-{stage}-{backend}-{w}-{r}", world, w, backend, steps)
+            cfg = _config(stage, out, f"scaling-{stage}-{backend}-{w}-{r}", world, w, backend, steps)
             t = time.perf_counter()
             try:
                 res = run_stage(fn, cfg)
             except Exception as e:  # report the failure as a row instead of losing the other rows
-                errors[label] = f"{type(e).__name__}: {str(e)[:300]}"
+                lines = [ln for ln in str(e).strip().splitlines() if ln.strip()] or [""]
+                errors[label] = f"{type(e).__name__}: {' '.join(lines[-1].split())[:200]}"
                 continue
             walls[label].append(time.perf_counter() - t)
             rates[label].append(res["samples_per_s"])
