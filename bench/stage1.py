@@ -171,8 +171,8 @@ def _spread(summary: dict) -> dict:
     return {"min": summary["min"], "max": summary["max"], "n": summary["n"]}
 
 
-def bench_stage1(out: str | Path, repeats: int = 3, steps: int = 15, batch: int = 512,
-                 log_every: int = 3, cases: list[str] | None = None, device: str = "cpu",
+def bench_stage1(out: str | Path, repeats: int = 3, steps: int = 20, batch: int = 512,
+                 log_every: int = 4, cases: list[str] | None = None, device: str = "cpu",
                  peak_tflops: float | None = None, toy_root=None) -> dict:
     out = Path(out)
     dev = torch.device(device)
