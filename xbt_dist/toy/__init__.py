@@ -41,7 +41,7 @@ class ToyWorldConfig:
     text_per_shard: int = 10_000   # samples per text shard
     context_length: int = 32       # text context of both toy CLIPs (longest caption is ~30 tokens)
     train_models: bool = True      # False: only generate the data
-    old_epochs: int = 8            # OLD base-CLIP epochs over train/
+    old_epochs: int = 4            # OLD base-CLIP epochs over train/ (4 vs 8: keeps OLD clearly below NEW)
     new_epochs: int = 4            # NEW base-CLIP epochs (NEW costs ~4x OLD per sample)
     batch_size: int = 128          # contrastive batch size of base-CLIP training
     lr: float = 1e-3               # AdamW peak learning rate (linear warmup, cosine decay)
