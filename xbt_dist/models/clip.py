@@ -8,6 +8,9 @@ error) into errors that say what is wrong and how to fix it.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import difflib
 import os
 from dataclasses import dataclass
@@ -73,6 +76,19 @@ def _check_tag(arch: str, tag: str) -> None:
         f"{arch!r} (known tags: {', '.join(tags) or 'none'}). Fix: pass a local checkpoint path or a known tag.")
 
 
+@contextlib.contextmanager
+def _quiet_random_init_warning(active: bool):
+    def drop(record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+    root = logging.getLogger()
+    if active:
+        root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
 def load_clip(ref: ModelRef, device: str | torch.device = "cpu", requires_grad: bool = False) -> ClipBundle:
     """Create the open_clip model named by `ref` (random init when ref.pretrained is None).
 
@@ -97,8 +113,11 @@ def load_clip(ref: ModelRef, device: str | torch.device = "cpu", requires_grad: 
 
     try:
         # Load the checkpoint ourselves (below) so a mismatch surfaces here with both names in the error.
-        model, preprocess_train, preprocess = open_clip.create_model_and_transforms(
-            ref.arch, pretrained=None if checkpoint else pretrained, device="cpu")
+        # open_clip would then log "No pretrained weights loaded ... initialized randomly", which is
+        # untrue once the checkpoint is loaded: silence that one record.
+        with _quiet_random_init_warning(checkpoint is not None):
+            model, preprocess_train, preprocess = open_clip.create_model_and_transforms(
+                ref.arch, pretrained=None if checkpoint else pretrained, device="cpu")
     except (OSError, RuntimeError, ConnectionError) as e:
         if pretrained is None or checkpoint:
             raise
