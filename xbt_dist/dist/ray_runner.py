@@ -60,7 +60,8 @@ def connect_ray(dist_cfg: DistConfig, include_dashboard: bool | None = None,
     if include_dashboard is None:
         include_dashboard = os.environ.get("XBT_RAY_DASHBOARD", "0") == "1"
     dashboard_host = dashboard_host or os.environ.get("XBT_RAY_DASHBOARD_HOST", "127.0.0.1")
-    ray.init(num_cpus=num_cpus or max(need, os.cpu_count() or 1),
+    # address="local": always a fresh local Ray, never a stale /tmp/ray/ray_current_cluster.
+    ray.init(address="local", num_cpus=num_cpus or max(need, os.cpu_count() or 1),
              num_gpus=(None if dist_cfg.use_gpu else 0),
              include_dashboard=bool(include_dashboard), dashboard_host=dashboard_host,
              log_to_driver=True)

@@ -262,6 +262,9 @@ class LocalRayCluster:
         else:
             args.append(f"--address={self.address}")
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        # The driver connects without a token; a ~/.ray/auth_token left by another tool must not
+        # switch this throwaway cluster to token auth.
+        env["RAY_AUTH_MODE"] = "disabled"
         self.procs.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
                                            start_new_session=True))
 
@@ -315,6 +318,16 @@ class LocalRayCluster:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
         self.procs.clear()
+        # A killed head leaves its address in <temp>/ray_current_cluster, and a plain `ray.init()`
+        # of anyone on this machine would then try to join the dead cluster: remove it if ours.
+        from pathlib import Path
+        current = Path(self.temp_dir or "/tmp/ray") / "ray_current_cluster"
+        port = (self.address or "").rsplit(":", 1)[-1]
+        try:
+            if port and current.read_text().strip().endswith(f":{port}"):
+                current.unlink()
+        except OSError:
+            pass
 
 
 # -- deterministic stand-in encoders for embedding jobs (picklable: importable functions) -------
