@@ -76,6 +76,16 @@ fi
 COMMON_ARGS=(--temp-dir="$RAY_TMP" --disable-usage-stats --block)
 [[ -n ${XBT_RAY_OBJECT_STORE_BYTES:-} ]] && COMMON_ARGS+=(--object-store-memory="$XBT_RAY_OBJECT_STORE_BYTES")
 
+# ---- authentication: a per-job Ray token ---------------------------------------------------
+# Only processes holding this job's token can talk to its cluster, and a token another Ray
+# cluster left in ~/.ray cannot lock the stage out of its own cluster. The file lives in the
+# job's log dir, which every node of the job sees. RAY_AUTH_MODE=disabled turns this off.
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
+if [[ $RAY_AUTH_MODE == token && -z ${RAY_AUTH_TOKEN_PATH:-} && -z ${RAY_AUTH_TOKEN:-} ]]; then
+  export RAY_AUTH_TOKEN_PATH=$LOG_DIR/ray_auth_token
+  (umask 077; od -An -tx1 -N32 /dev/urandom | tr -d ' \n' > "$RAY_AUTH_TOKEN_PATH")
+fi
+
 # ---- nodes -------------------------------------------------------------------------------
 mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 HEAD_NODE=${SLURMD_NODENAME:-$(hostname -s)}

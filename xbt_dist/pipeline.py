@@ -46,7 +46,8 @@ def embed_for_config(cfg: RunConfig, batch_size: int = 256) -> dict:
                          "train.train_shards + train.targets")
     if cfg.dist.backend == "ray":
         from xbt_dist.dist.embed_job import embed_on_ray
-        return {out: embed_on_ray(cfg, src, out, fields, batch_size) for src, out, fields in jobs}
+        return {out: embed_on_ray(src, out, {"old": cfg.old, "new": cfg.new}, fields, batch_size, cfg.dist)
+                for src, out, fields in jobs}
     from xbt_dist.data.embed import embed_shards
     return {out: embed_shards(src, out, {"old": cfg.old, "new": cfg.new}, fields, batch_size,
                               progress=lambda s: print(s, file=sys.stderr))

@@ -157,7 +157,13 @@ def _worker_entry(config: dict) -> None:
                         make_backend=make_deepspeed_backend(cfg.dist, world_size, on_gpu),
                         report=report if config["report"] else None,
                         barrier=dist.barrier, any_rank=any_rank)
-    result = config["stage_fn"](cfg, ctx, resume=bool(config["resume"] or attempt > 0), **config["kwargs"])
+    from xbt_dist.train.loop import StopRequested
+    try:
+        result = config["stage_fn"](cfg, ctx, resume=bool(config["resume"] or attempt > 0), **config["kwargs"])
+    except StopRequested as e:
+        # A requested stop (preemption) is not a failure: Ray must not restart the group, the
+        # driver re-raises it so the launcher requeues the job.
+        result = {"stopped": str(e)}
     final = _json_safe({**dict(result or {}), "rank": rank, "world_size": world_size,
                         "attempt": attempt, "final": True})
     # Ray Train v2 hands back only metrics that come with a checkpoint, so rank 0 attaches a
@@ -211,8 +217,13 @@ def run_on_ray(stage_fn: Callable, cfg: RunConfig, resume: bool = False, *, name
             raise result.error
         if result.checkpoint is not None:
             with result.checkpoint.as_directory() as d:
-                return json.loads(Path(d, RESULT_FILE).read_text())
-        return dict(result.metrics or {})
+                out = json.loads(Path(d, RESULT_FILE).read_text())
+        else:
+            out = dict(result.metrics or {})
+        if "stopped" in out:
+            from xbt_dist.train.loop import StopRequested
+            raise StopRequested(out["stopped"])
+        return out
     finally:
         if shutdown if shutdown is not None else started:
             ray.shutdown()

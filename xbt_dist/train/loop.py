@@ -13,12 +13,14 @@ on the step through `ctx.any_rank`, a collective, so none blocks in a gather the
 from __future__ import annotations
 
 import os
+import random
 import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 
 from xbt_dist.train.checkpoint import Checkpointer
@@ -65,15 +67,34 @@ class LoopState:
 
 
 def endless(stream) -> Iterator[dict]:
-    """Batches across epoch boundaries; the stream advances its own epoch counter."""
+    """Batches across epoch boundaries; the stream advances its own epoch counter.
+
+    One empty pass is normal (a resume from a checkpoint taken at the very end of an epoch); two
+    in a row mean the data cannot fill a single batch.
+    """
+    empty_passes = 0
     while True:
         empty = True
         for batch in stream:
             empty = False
             yield batch
-        if empty:
+        empty_passes = empty_passes + 1 if empty else 0
+        if empty_passes >= 2:
             raise RuntimeError("the data stream yielded no batch in a whole epoch: the shard set is "
                                "empty or smaller than one batch per worker; add data or lower batch_size")
+
+
+def get_rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _maybe_inject_fault(step: int, rank: int, stage_dir: str) -> None:
@@ -102,12 +123,15 @@ def run_loop(*, name: str, ctx: WorkerContext, backend, stream, step_fn: Callabl
     ctx.barrier()
     if resume and (loaded := ckpt.load()) is not None:
         d, trainable, mine = loaded
-        load_trainable(trainable)
         backend.load_state_dict(mine["backend"])
-        if hasattr(backend, "load"):
+        if hasattr(backend, "load"):  # the engine restores (partitioned) weights and optimiser itself
             backend.load(d / "backend")
+        else:
+            load_trainable(trainable)
         stream.load_state_dict(mine["data"])
         state.step, state.samples = mine["step"], mine["samples"]
+        if "rng" in mine:  # augmentation draws continue exactly where the checkpoint left them
+            set_rng_state(mine["rng"])
         if ctx.is_main:
             print(f"[{name}] resumed from {d.name} at step {state.step}", file=sys.stderr, flush=True)
 
@@ -116,7 +140,7 @@ def run_loop(*, name: str, ctx: WorkerContext, backend, stream, step_fn: Callabl
             trainable = trainable_state() if ctx.is_main else None
         return ckpt.save(state.step, trainable,
                          {"backend": backend.state_dict(), "data": stream.state_dict(),
-                          "step": state.step, "samples": state.samples},
+                          "step": state.step, "samples": state.samples, "rng": get_rng_state()},
                          save_backend=getattr(backend, "save", None))
 
     local_batch = global_batch // ctx.world_size

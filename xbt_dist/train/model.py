@@ -49,8 +49,9 @@ class XBTModel(nn.Module):
         super().__init__()
         self.new = new
         self.phi = phi
-        # CLIP's parameterisation: logit scale = exp(t), learned in log space.
-        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)),
+        # CLIP's parameterisation: logit scale = exp(t), learned in log space. Shape (1,), not a
+        # 0-dim tensor: DeepSpeed's gradient clipping and broadcasts do not handle 0-dim params.
+        self.log_logit_scale = nn.Parameter(torch.tensor([math.log(1.0 / temperature)]),
                                             requires_grad=learn_temperature)
         self.phi0 = phi0
         if phi0 is not None:

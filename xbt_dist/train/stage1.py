@@ -37,7 +37,7 @@ class PhiModule(nn.Module):
     def __init__(self, phi: Phi, temperature: float):
         super().__init__()
         self.phi = phi
-        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
+        self.log_logit_scale = nn.Parameter(torch.tensor([math.log(1.0 / temperature)]))
 
     def forward(self, w_new: torch.Tensor):
         return F.normalize(self.phi(w_new), dim=-1), self.log_logit_scale.exp().clamp(max=100.0)
@@ -104,6 +104,7 @@ def run_stage1(cfg: RunConfig, ctx: WorkerContext | None = None, resume: bool = 
             w_old = old.model.encode_text(old.tokenizer(captions).to(ctx.device), normalize=True)
             return w_new, w_old
 
+    torch.manual_seed(cfg.train.seed)  # same init (phi, prompts, LoRA) on every run and rank
     n = _count(s1.embeddings if encode is None else s1.text_shards, encode is None)
     total_steps = max(1, int(s1.epochs * n) // s1.batch_size)
     module = PhiModule(Phi(d_new, d_old, cfg.phi.hidden, cfg.phi.depth), s1.temperature).to(ctx.device)

@@ -112,6 +112,7 @@ def run_stage2(cfg: RunConfig, ctx: WorkerContext | None = None, resume: bool = 
     else:
         d_old = load_phi(Path(cfg.stage_dir("phi")) / PHI_FILE).d_old
 
+    torch.manual_seed(cfg.train.seed)  # same init (phi, prompts, LoRA) on every run and rank
     model = build_model(cfg, new, d_old).to(ctx.device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     stream = SampleStream(tc.train_shards, batch_size=local_batch, transform=new.preprocess_train,
