@@ -88,9 +88,13 @@ def cmd_eval(args) -> int:
 
 
 def cmd_params(args) -> int:
-    from xbt_dist.models.params import parameter_report
+    from xbt_dist.models.params import format_report, parameter_report
     cfg = _load(args)
-    _print(parameter_report(cfg.old, cfg.new, cfg.adapters, cfg.phi.hidden, cfg.phi.depth))
+    report = parameter_report(cfg.old, cfg.new, cfg.adapters, cfg.phi.hidden, cfg.phi.depth)
+    if args.json:
+        _print(report)
+    else:
+        print(format_report(report))
     return 0
 
 
@@ -133,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_eval)
     p = sub.add_parser("params", help="trainable parameters per method (paper Table 6)")
     _stage_args(p, resume=False)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(fn=cmd_params)
     p = sub.add_parser("toy-world", help="generate the toy world and train its old/new CLIPs")
     p.add_argument("--out", default="runs/toy")

@@ -285,7 +285,11 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.lr=3e-4)")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw else ""
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({e.problem}); "
+                              "quote lists and strings, e.g. adapters.lora_targets='[attn, mlp]'") from e
         if isinstance(value, str):
             try:  # YAML 1.1 reads "3e-4" (no dot) as a string; users mean the number
                 value = float(value)
