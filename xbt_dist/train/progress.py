@@ -7,8 +7,14 @@ worker processes the same local batch size per step.
 
 from __future__ import annotations
 
+import resource
 import sys
 import time
+
+
+def peak_rss_mb() -> float:
+    # ru_maxrss is KiB on Linux: the process high-water mark, i.e. what the job must be given.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _fmt_eta(seconds: float) -> str:

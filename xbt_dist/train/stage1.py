@@ -27,6 +27,7 @@ from xbt_dist.models.clip import load_clip
 from xbt_dist.models.phi import Phi
 from xbt_dist.train.context import WorkerContext
 from xbt_dist.train.loop import run_loop
+from xbt_dist.train.progress import peak_rss_mb
 
 PHI_FILE = "phi.pt"
 
@@ -130,7 +131,8 @@ def run_stage1(cfg: RunConfig, ctx: WorkerContext | None = None, resume: bool = 
               "wall_s": time.perf_counter() - t0, "d_new": d_new, "d_old": d_old,
               "trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad),
               "final_loss": state.history[-1]["loss"] if state.history else None,
-              "samples_per_s": _mean_rate(state.history), "phi_path": f"{stage_dir}/{PHI_FILE}"}
+              "samples_per_s": _mean_rate(state.history), "peak_rss_mb": peak_rss_mb(),
+              "phi_path": f"{stage_dir}/{PHI_FILE}"}
     if ctx.is_main:
         with backend.gathered():
             save_phi(Path(stage_dir) / PHI_FILE, module.phi, cfg, d_new, d_old)

@@ -12,7 +12,6 @@ manifest with the compute report (trainable params, wall time, peak memory, samp
 from __future__ import annotations
 
 import copy
-import resource
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from xbt_dist.models.phi import Phi
 from xbt_dist.train.context import WorkerContext
 from xbt_dist.train.loop import run_loop
 from xbt_dist.train.model import XBTModel, resolve_method
+from xbt_dist.train.progress import peak_rss_mb
 from xbt_dist.train.stage1 import PHI_FILE, load_phi
 
 ADAPTERS_FILE = "adapters.pt"
@@ -63,11 +63,6 @@ def load_xbt(cfg: RunConfig, new: ClipBundle, d_old: int, path: str | Path | Non
     model = build_model(cfg, new, d_old)
     model.load_trainable_state_dict(torch.load(path, map_location="cpu", weights_only=False))
     return model.eval()
-
-
-def peak_rss_mb() -> float:
-    # ru_maxrss is KiB on Linux: the process high-water mark, i.e. what the job must be given.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _old_inputs(old: ClipBundle, new: ClipBundle):
