@@ -17,6 +17,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def mean_rate(history: list[dict]) -> float | None:
+    """Mean global samples/s over log windows, without the first (warm-up: allocations, first batches)."""
+    rates = [h["samples_per_s"] for h in history[1:]] or [h["samples_per_s"] for h in history]
+    return sum(rates) / len(rates) if rates else None
+
+
 def _fmt_eta(seconds: float) -> str:
     seconds = max(0, int(seconds))
     h, rem = divmod(seconds, 3600)

@@ -27,7 +27,7 @@ from xbt_dist.models.clip import load_clip
 from xbt_dist.models.phi import Phi
 from xbt_dist.train.context import WorkerContext
 from xbt_dist.train.loop import run_loop
-from xbt_dist.train.progress import peak_rss_mb
+from xbt_dist.train.progress import mean_rate, peak_rss_mb
 
 PHI_FILE = "phi.pt"
 
@@ -131,7 +131,7 @@ def run_stage1(cfg: RunConfig, ctx: WorkerContext | None = None, resume: bool = 
               "wall_s": time.perf_counter() - t0, "d_new": d_new, "d_old": d_old,
               "trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad),
               "final_loss": state.history[-1]["loss"] if state.history else None,
-              "samples_per_s": _mean_rate(state.history), "peak_rss_mb": peak_rss_mb(),
+              "samples_per_s": mean_rate(state.history), "peak_rss_mb": peak_rss_mb(),
               "phi_path": f"{stage_dir}/{PHI_FILE}"}
     if ctx.is_main:
         with backend.gathered():
@@ -142,9 +142,3 @@ def run_stage1(cfg: RunConfig, ctx: WorkerContext | None = None, resume: bool = 
                        history=state.history)
     ctx.barrier()
     return result
-
-
-def _mean_rate(history: list[dict]) -> float | None:
-    # Skip the first log window: it includes warm-up (allocations, first batches).
-    rates = [h["samples_per_s"] for h in history[1:]] or [h["samples_per_s"] for h in history]
-    return sum(rates) / len(rates) if rates else None

@@ -30,7 +30,7 @@ from xbt_dist.models.phi import Phi
 from xbt_dist.train.context import WorkerContext
 from xbt_dist.train.loop import run_loop
 from xbt_dist.train.model import XBTModel, resolve_method
-from xbt_dist.train.progress import peak_rss_mb
+from xbt_dist.train.progress import mean_rate, peak_rss_mb
 from xbt_dist.train.stage1 import PHI_FILE, load_phi
 
 ADAPTERS_FILE = "adapters.pt"
@@ -149,12 +149,11 @@ def run_stage2(cfg: RunConfig, ctx: WorkerContext | None = None, resume: bool = 
                      checkpoint_every=tc.checkpoint_every, log_every=tc.log_every, resume=resume,
                      tb_dir=f"{stage_dir}/tb")
     wall = time.perf_counter() - t0
-    rates = [h["samples_per_s"] for h in state.history[1:]] or [h["samples_per_s"] for h in state.history]
     result = {"stage": "train", "method": tc.method, "target_source": tc.target_source,
               "steps": state.step, "samples": state.samples, "wall_s": wall,
               "trainable_params": trainable, "peak_rss_mb": peak_rss_mb(),
               "peak_gpu_mb": (torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None,
-              "samples_per_s": sum(rates) / len(rates) if rates else None,
+              "samples_per_s": mean_rate(state.history),
               "skipped": dict(stream.skipped), "old_model_loaded": old is not None,
               "final_loss": state.history[-1]["loss"] if state.history else None,
               "adapters_path": f"{stage_dir}/{ADAPTERS_FILE}", "world_size": ctx.world_size}
