@@ -1,5 +1,5 @@
 """Preprocessing stage (issue 5): from URL lists, caption dumps and eval datasets to the shard
-sets of docs/CONTRACT.md, plus `validate` for any shard set.
+sets of docs/architecture.md (Shard formats), plus `validate` for any shard set.
 
 - `images`: img2dataset on URL lists -> image-text shards + failure report.
 - `text`: captions -> normalised, filtered, deduplicated text shards (stage-1 corpus).

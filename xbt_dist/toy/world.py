@@ -9,7 +9,7 @@ orange, blue / navy, ...) and the per-image colour jitter keep retrieval unsatur
 Everything is drawn from `numpy.random.Generator`s seeded from (seed, split name), so a world is
 a pure function of its config: same seed -> same captions and the same JPEG bytes.
 
-Shard sets written (formats per docs/CONTRACT.md): `train/` (image-caption pairs), `text/`
+Shard sets written (formats in docs/architecture.md): `train/` (image-caption pairs), `text/`
 (caption-only corpus for stage 1), `eval/` (gallery with `json["captions"]`), `zeroshot/`
 (single-object images with `cls` and `classes.json`).
 """
