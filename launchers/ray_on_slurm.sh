@@ -52,7 +52,8 @@ mkdir -p "$LOG_DIR"
 
 # The job inherits the submitting shell's environment; activate the repo venv only if needed,
 # so that a user's own environment wins.
-if [[ -z ${XBT_CMD:-} ]] && ! command -v xbt >/dev/null && [[ -f $XBT_HOME/.venv/bin/activate ]]; then
+if { ! command -v ray >/dev/null || { [[ -z ${XBT_CMD:-} ]] && ! command -v xbt >/dev/null; }; } \
+    && [[ -f $XBT_HOME/.venv/bin/activate ]]; then
   # shellcheck disable=SC1091
   . "$XBT_HOME/.venv/bin/activate"
 fi
