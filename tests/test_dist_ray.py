@@ -13,6 +13,7 @@ One module-scoped cluster serves every test (Ray start-up is the slow part):
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,8 +89,12 @@ def _stage1_cfg(tmp_path, cluster, emb, name):
 def test_fault_recovery_stage1_resumes_and_matches(cluster, tmp_path, monkeypatch):
     from xbt_dist.train.stage1 import load_phi, run_stage1
 
-    emb = _text_embeddings(tmp_path / "emb")
-    clean = run_on_ray(run_stage1, _stage1_cfg(tmp_path, cluster, emb, "clean"))
+    # Relative paths, as in `xbt pretrain-phi --config runs/...`: Ray Train starts workers in its own
+    # directory, so they must resolve against the driver's working directory.
+    monkeypatch.chdir(tmp_path)
+    emb = _text_embeddings(Path("emb"))
+    clean = run_on_ray(run_stage1, _stage1_cfg(Path("."), cluster, emb, "clean"))
+    assert not Path(clean["phi_path"]).is_absolute() and (tmp_path / clean["phi_path"]).is_file()
     monkeypatch.setenv("XBT_FAULT_AT_STEP", "5")
     faulty_cfg = _stage1_cfg(tmp_path, cluster, emb, "faulty")
     faulty = run_on_ray(run_stage1, faulty_cfg)

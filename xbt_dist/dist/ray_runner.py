@@ -116,6 +116,15 @@ def _worker_entry(config: dict) -> None:
     """Runs on every Ray Train worker."""
     for k, v in config["env"].items():
         os.environ[k] = v
+    # Ray Train starts workers in its own session directory; configs hold paths relative to where
+    # the user ran `xbt` (runs/..., configs/...), so work from the driver's directory, which on a
+    # cluster is a shared filesystem path like the out_dir.
+    if Path(config["cwd"]).is_dir():
+        os.chdir(config["cwd"])
+    else:
+        print(f"[xbt] driver directory {config['cwd']} does not exist on this node: relative paths in "
+              "the config will not resolve; use absolute paths on a shared filesystem",
+              file=sys.stderr, flush=True)
     cfg: RunConfig = config["cfg"]
     on_gpu = cfg.dist.use_gpu and torch.cuda.is_available()
     if not on_gpu:
@@ -204,7 +213,8 @@ def run_on_ray(stage_fn: Callable, cfg: RunConfig, resume: bool = False, *, name
         trainer = TorchTrainer(
             _worker_entry,
             train_loop_config={"stage_fn": stage_fn, "cfg": cfg, "resume": resume, "kwargs": kwargs,
-                               "env": env, "marker_dir": marker_dir, "report": report_progress},
+                               "env": env, "marker_dir": marker_dir, "report": report_progress,
+                               "cwd": os.getcwd()},
             scaling_config=ray.train.ScalingConfig(num_workers=d.workers, use_gpu=d.use_gpu,
                                                    resources_per_worker=resources),
             torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
