@@ -71,7 +71,27 @@ def run_bench(name: str, a: argparse.Namespace) -> dict:
         res = bench_scaling(out, stage=a.stage, workers=tuple(a.workers),
                             **_kw(repeats=a.repeats, steps=a.steps, toy_root=a.toy_root))
     res["command"] = _command(name, a)
+    if a.cases:
+        res = _carry_other_cases(out, res)
     return write_result(out, res)
+
+
+def _carry_other_cases(out: Path, res: dict) -> dict:
+    """A `--cases` subset rerun keeps the earlier rows of the cases it did not run, labelled with
+    when they were measured, so one case can be remeasured without losing the others."""
+    prev_file = out / f"{res['name']}.json"
+    if not prev_file.is_file():
+        return res
+    prev = json.loads(prev_file.read_text())
+    ran = {r["case"] for r in res["rows"]}
+    kept = [r for r in prev["rows"] if r["case"] not in ran and r["case"].split(": ")[0] not in ran]
+    if not kept:
+        return res
+    cases = sorted({r["case"] for r in kept})
+    note = (f"rows of {', '.join(cases)} are carried over from `{prev['command']}` of {prev['created']} "
+            f"(load avg {prev['machine']['load_avg_1m']:.1f}); the other rows are from this run")
+    return {**res, "rows": res["rows"] + kept, "notes": [*res.get("notes", []), note],
+            "carried": {"from": prev["created"], "cases": cases}}
 
 
 def _command(name: str, a: argparse.Namespace) -> str:

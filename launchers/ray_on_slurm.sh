@@ -31,7 +31,8 @@
 #   XBT_RAY_PORT_BASE    first of 100 ports used by this job [20000 + 100 * (SLURM_JOB_ID % 400)]
 #   XBT_RAY_TMP          Ray temp dir on each node (sockets: keep it short) [/tmp/xbt-ray-$SLURM_JOB_ID]
 #   XBT_RAY_WAIT_S       seconds to wait for all nodes to join [300]
-#   XBT_RAY_DASHBOARD    1: start the Ray dashboard on PORT_BASE+3 [0]
+#   XBT_RAY_DASHBOARD    0: no Ray dashboard; 1: on HEAD_IP:PORT_BASE+3, behind the job's token [1]
+#                        (Ray Train's placement-group cleaner needs the state API it serves)
 #   XBT_RAY_OBJECT_STORE_BYTES  object store size per node [Ray's default, 30% of RAM]
 set -euo pipefail
 
@@ -69,10 +70,8 @@ PORT_ARGS=(
   --min-worker-port=$((PORT_BASE + 10)) --max-worker-port=$((PORT_BASE + 99))
 )
 HEAD_ARGS=(--ray-client-server-port=$((PORT_BASE + 7)))
-if [[ ${XBT_RAY_DASHBOARD:-0} == 1 ]]; then
-  HEAD_ARGS+=(--include-dashboard=true --dashboard-host=0.0.0.0 --dashboard-port=$((PORT_BASE + 3)))
-else
-  HEAD_ARGS+=(--include-dashboard=false)   # saves a process and ~10 s of start-up per job
+if [[ ${XBT_RAY_DASHBOARD:-1} != 1 ]]; then
+  HEAD_ARGS+=(--include-dashboard=false)   # Ray Train then warns every second that the state API is down
 fi
 COMMON_ARGS=(--temp-dir="$RAY_TMP" --disable-usage-stats --block)
 [[ -n ${XBT_RAY_OBJECT_STORE_BYTES:-} ]] && COMMON_ARGS+=(--object-store-memory="$XBT_RAY_OBJECT_STORE_BYTES")
@@ -95,6 +94,10 @@ HEAD_IP=${HEAD_IP:-$(hostname -i | awk '{print $1}')}
 N_NODES=${#NODES[@]}
 GPUS_PER_NODE=${SLURM_GPUS_ON_NODE:-0}
 export RAY_ADDRESS="$HEAD_IP:$GCS_PORT"
+[[ ${XBT_RAY_DASHBOARD:-1} == 1 ]] && HEAD_ARGS+=(--include-dashboard=true --dashboard-host="$HEAD_IP"
+                                                  --dashboard-port=$((PORT_BASE + 3)))
+# Ray Train would route print() through a logger and print each progress line twice.
+export RAY_TRAIN_ENABLE_PRINT_PATCH=${RAY_TRAIN_ENABLE_PRINT_PATCH:-0}
 
 {
   echo "job=$SLURM_JOB_ID restart=${SLURM_RESTART_COUNT:-0} stage=$STAGE config=$CONFIG"

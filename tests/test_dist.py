@@ -98,3 +98,21 @@ def test_deepspeed_zero2_zero3_match_single_process_on_xbt_model(tmp_path):
             torch.testing.assert_close(again[k], flat[k], msg=f"ZeRO-{stage} {k} after load")
             moved += int(not torch.equal(ref[k], init[k]))
         assert moved >= len(ref) // 2, "most trainable tensors should have moved after 2 steps"
+
+
+def test_ray_reports_are_throttled_and_agreed_by_all_ranks():
+    from xbt_dist.dist.ray_runner import ReportThrottle
+
+    now = [0.0]
+    votes = []
+
+    def any_rank(flag):  # another rank whose clock says "due" at t=12 makes every rank report
+        votes.append(flag)
+        return flag or now[0] == 12.0
+
+    t = ReportThrottle(10.0, any_rank, clock=lambda: now[0])
+    reported = []
+    for now[0] in (0.0, 1.0, 5.0, 10.0, 11.0, 12.0, 15.0, 21.9, 22.0):
+        reported.append(t.due())
+    assert reported == [True, False, False, True, False, True, False, False, True]
+    assert len(votes) == 9  # the vote (a collective) runs at every log point, reported or not

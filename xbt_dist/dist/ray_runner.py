@@ -24,6 +24,7 @@ import json
 import math
 import os
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable
@@ -46,7 +47,9 @@ def connect_ray(dist_cfg: DistConfig, include_dashboard: bool | None = None,
     A local Ray gets at least `workers * cpus_per_worker` CPUs so a laptop with fewer cores still
     schedules the job (oversubscribed, which is what a CPU smoke run wants). The dashboard listens
     on localhost only unless `dashboard_host` / `$XBT_RAY_DASHBOARD_HOST` says otherwise (it runs
-    arbitrary jobs); it is off unless `include_dashboard` or `$XBT_RAY_DASHBOARD=1`.
+    arbitrary jobs). It is on by default because Ray Train's placement-group cleaner asks the
+    state API, which the dashboard serves, every second (without it: a warning per second);
+    `include_dashboard=False` or `$XBT_RAY_DASHBOARD=0` turns it off.
     """
     import ray
 
@@ -58,7 +61,10 @@ def connect_ray(dist_cfg: DistConfig, include_dashboard: bool | None = None,
         return False
     need = dist_cfg.workers * dist_cfg.cpus_per_worker
     if include_dashboard is None:
-        include_dashboard = os.environ.get("XBT_RAY_DASHBOARD", "0") == "1"
+        include_dashboard = os.environ.get("XBT_RAY_DASHBOARD", "1") == "1"
+    # Ray Train would route print() in workers through a logger and, with Ray's wrapped stderr,
+    # print every progress line twice; local workers inherit this from the raylet we start.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     dashboard_host = dashboard_host or os.environ.get("XBT_RAY_DASHBOARD_HOST", "127.0.0.1")
     # address="local": always a fresh local Ray, never a stale /tmp/ray/ray_current_cluster.
     ray.init(address="local", num_cpus=num_cpus or max(need, os.cpu_count() or 1),
@@ -112,6 +118,27 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class ReportThrottle:
+    """Decides, at a log point, whether this one goes to `ray.train.report`.
+
+    Every rank calls `due()` at the same log points. ray.train.report is a collective that blocks
+    until Ray's controller has polled the previous report (every 2 s), which throttled a fast
+    stage 5x when it reported at every log point; so report at most every `interval_s`. The ranks
+    agree through `any_rank` (an all-reduce), so either all of them report or none does.
+    """
+
+    def __init__(self, interval_s: float, any_rank: Callable[[bool], bool],
+                 clock: Callable[[], float] = time.monotonic):
+        self.interval_s, self.any_rank, self.clock = interval_s, any_rank, clock
+        self.last = float("-inf")  # the first log point always reports
+
+    def due(self) -> bool:
+        if not self.any_rank(self.clock() - self.last >= self.interval_s):
+            return False
+        self.last = self.clock()
+        return True
+
+
 def _worker_entry(config: dict) -> None:
     """Runs on every Ray Train worker."""
     for k, v in config["env"].items():
@@ -151,9 +178,11 @@ def _worker_entry(config: dict) -> None:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
+    throttle = ReportThrottle(cfg.dist.report_every_s, any_rank)
+
     def report(metrics: dict) -> None:
-        # Collective in Ray Train v2: every rank reports at the same log points (the loop does).
-        ray.train.report(_json_safe({**metrics, "rank": rank}))
+        if throttle.due():
+            ray.train.report(_json_safe({**metrics, "rank": rank}))
 
     # Same seed on every rank and every restart: model init is identical across ranks (DeepSpeed
     # also broadcasts rank 0's weights) and across attempts and reruns, so runs are reproducible.
@@ -220,6 +249,8 @@ def run_on_ray(stage_fn: Callable, cfg: RunConfig, resume: bool = False, *, name
             torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
             run_config=ray.train.RunConfig(
                 name=run_name, storage_path=storage,
+                # WARNING: not Ray Train's INFO line per report (our progress line says it better)
+                logging_config=ray.train.LoggingConfig(log_level="WARNING"),
                 failure_config=ray.train.FailureConfig(max_failures=d.max_failures)),
         )
         result = trainer.fit()
