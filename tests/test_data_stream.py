@@ -180,3 +180,55 @@ def test_text_modes(tmp_path):
     b = batches[0]
     assert set(b) == {"keys", "text_new", "text_old"} and b["text_new"].shape[1] == 8
     np.testing.assert_allclose(b["text_new"][0].numpy(), table[b["keys"][0]]["text_new"], atol=2e-3)
+
+
+def embedding_set(out_dir, n_shards, per_shard, dim=4):
+    """Embedding shards whose text_new row encodes its own key (so a batch can check its rows)."""
+    table = {}
+    for s in range(n_shards):
+        keys = [f"{s * 100 + i:05d}" for i in range(per_shard)]  # < 2048: exact in fp16
+        vals = np.array([[int(k), 1.0, 0.0, 0.0][:dim] for k in keys], np.float32)
+        write_embedding_shard(out_dir, f"{s:05d}", keys, {"text_new": vals, "text_old": vals},
+                              normalize=False)
+        table.update(zip(keys, vals))
+    return table
+
+
+@pytest.mark.parametrize("n_shards", [4, 3])  # 4: shard-level split; 3: sample-level split
+def test_embeddings_mode_exact_coverage_and_rows(tmp_path, n_shards):
+    embedding_set(tmp_path, n_shards, per_shard=7)
+    seen = []
+    for rank in range(2):
+        s = SampleStream(tmp_path, mode="embeddings", batch_size=3, rank=rank, world_size=2,
+                         num_workers=2)
+        for b in s:
+            assert b["text_new"].dtype == torch.float32 and len(b["keys"]) == len(b["text_new"])
+            # each row is the row of its key (fp16 holds these small ints exactly)
+            assert [int(k) for k in b["keys"]] == b["text_new"][:, 0].long().tolist()
+            seen += b["keys"]
+    assert len(seen) == len(set(seen)) == n_shards * 7
+
+
+def test_embeddings_mode_shuffles_and_resumes(tmp_path):
+    embedding_set(tmp_path, 3, per_shard=10)
+    s = SampleStream(tmp_path, mode="embeddings", batch_size=4, seed=1)
+    full = keys_of(list(s))
+    assert sorted(full) != full and len(full) == 30  # shuffled, all rows
+    s.set_epoch(0)
+    it = iter(s)
+    head = keys_of([next(it) for _ in range(3)])
+    state = s.state_dict()
+    resumed = SampleStream(tmp_path, mode="embeddings", batch_size=4, seed=1)
+    resumed.load_state_dict(state)
+    assert head + keys_of(list(resumed)) == full
+    assert keys_of(list(resumed)) != full  # next epoch: another order
+
+
+def test_embeddings_mode_resampled_and_drop_last(tmp_path):
+    embedding_set(tmp_path, 2, per_shard=5)
+    s = SampleStream(tmp_path, mode="embeddings", batch_size=4, resampled=True)
+    it = iter(s)
+    batches = [next(it) for _ in range(6)]  # 24 rows from 10: shards drawn again, forever
+    assert all(len(b["keys"]) == 4 for b in batches)
+    d = SampleStream(tmp_path, mode="embeddings", batch_size=4, drop_last=True)
+    assert [len(b["keys"]) for b in d] == [4, 4]

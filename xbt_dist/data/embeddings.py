@@ -68,9 +68,20 @@ class EmbeddingShard:
         self.path = Path(path)
         self.name = self.path.name[: -len(".npz")]
         with np.load(self.path, allow_pickle=False) as z:
-            self.keys = [str(k) for k in z["keys"]]
+            self._keys = z["keys"]
             self.fields = {k: z[k] for k in z.files if k != "keys"}
         self._index: dict[str, int] | None = None
+        self._key_list: list[str] | None = None
+
+    @property
+    def keys(self) -> list[str]:
+        if self._key_list is None:
+            self._key_list = self._keys.tolist()
+        return self._key_list
+
+    def keys_at(self, rows: np.ndarray) -> list[str]:
+        """Keys of `rows` (an index array), without building the whole key list."""
+        return self._keys[rows].tolist()
 
     @property
     def index(self) -> dict[str, int]:
@@ -79,7 +90,7 @@ class EmbeddingShard:
         return self._index
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self._keys)
 
     def rows(self, key: str, fields: Iterable[str]) -> dict[str, np.ndarray] | None:
         i = self.index.get(key)

@@ -17,6 +17,9 @@ Split policy (exact coverage: within an epoch every sample is seen exactly once 
   use `resampled=True`.
 
 Order: shards are permuted per (seed, epoch), then a shuffle buffer per (seed, epoch, rank, worker).
+In `mode="embeddings"` (stage 1) a shard's rows are already in memory, so rows are selected,
+fully permuted per shard and batched as numpy index arrays (no per-row Python objects: the
+shuffle buffer is not used); the split and the position rule are the same.
 `resampled=True` draws shards with replacement forever (LAION style), per slot.
 
 Data position: each worker's pipeline is deterministic, so its state is just "how many raw samples
@@ -138,12 +141,6 @@ class ShardBatchDataset(IterableDataset):
 
     # ---- raw sample stream (before decoding): this is what positions count ----
     def _shard_samples(self, shard: str, stats: Counter) -> Iterator[dict]:
-        if self.mode == "embeddings":
-            emb = self.emb_src.shard(shard)
-            for i, key in enumerate(emb.keys):
-                yield {"__key__": key, "__url__": str(emb.path),
-                       "_emb": {out: emb.fields[f][i] for out, f in self.fields.items()}}
-            return
         tgt = self.targets.shard(shard_name(shard)) if self.targets is not None else None
         for s in iter_raw_samples(shard, stats):
             if tgt is not None:
@@ -180,6 +177,58 @@ class ShardBatchDataset(IterableDataset):
                     if keep:
                         yield s
         yield from _shuffle_buffer(filtered(), self.shuffle_buffer if self.shuffle else 0, rng)
+
+    # ---- embeddings mode: numpy index batches, no per-row Python objects ----
+    def _row_chunks(self, worker: int, num_workers: int) -> Iterator[tuple[Any, np.ndarray]]:
+        """(shard, row indices) in this slot's order: the same shard order and split as the sample
+        path, but rows are selected and shuffled as index arrays (a shard is in memory anyway, so a
+        full per-shard permutation replaces the shuffle buffer)."""
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
+        if self.resampled:
+            while True:
+                emb = self.emb_src.shard(self.shards[int(rng.integers(len(self.shards)))])
+                yield emb, (rng.permutation(len(emb)) if self.shuffle else np.arange(len(emb)))
+        order = list(self.shards)
+        if self.shuffle:  # same permutation on every rank/worker so the split stays consistent
+            random.Random(f"{self.seed}-{self.epoch}-shards").shuffle(order)
+        sel, filters = split_plan(len(order), self.rank, self.world_size, worker, num_workers)
+        counters = [0] * len(filters)
+        for shard in order[sel] if sel is not None else order:
+            emb = self.emb_src.shard(shard)
+            rows = np.arange(len(emb))
+            for k, (mod, res) in enumerate(filters):  # running index over the previous filter's output
+                keep = (counters[k] + np.arange(len(rows))) % mod == res
+                counters[k] += len(rows)
+                rows = rows[keep]
+            if len(rows):
+                yield emb, (rng.permutation(rows) if self.shuffle else rows)
+
+    def _iter_embeddings(self, worker: int, num_workers: int, skip: int) -> Iterator[dict]:
+        pos, pending, n_pending = 0, [], 0
+
+        def emit(pieces):
+            batch: dict[str, Any] = {"keys": [k for emb, rows in pieces for k in emb.keys_at(rows)]}
+            for out, f in self.fields.items():  # fp16 on disk, float32 for the loss
+                parts = [emb.fields[f][rows] for emb, rows in pieces]
+                batch[out] = torch.from_numpy(np.concatenate(parts).astype(np.float32))
+            batch.update(_worker=worker, _pos=pos, _skipped={})
+            return batch
+
+        for emb, rows in self._row_chunks(worker, num_workers):
+            if skip > pos:  # resuming: these were consumed before the checkpoint
+                drop = min(skip - pos, len(rows))
+                pos, rows = pos + drop, rows[drop:]
+            while len(rows):
+                take = min(self.batch_size - n_pending, len(rows))
+                pending.append((emb, rows[:take]))
+                n_pending, pos, rows = n_pending + take, pos + take, rows[take:]
+                if n_pending == self.batch_size:
+                    yield emit(pending)
+                    pending, n_pending = [], 0
+        if pending and not self.drop_last:
+            yield emit(pending)
+        elif self.emit_tail:
+            yield {"_worker": worker, "_pos": pos, "_skipped": {}}
 
     # ---- decoding ----
     def _decode(self, s: dict, stats: Counter) -> dict | None:
@@ -230,6 +279,9 @@ class ShardBatchDataset(IterableDataset):
             raise ValueError(f"resume state has positions for {len(self.start)} DataLoader workers "
                              f"but this loader has {num_workers}; resume with the same num_workers")
         skip = self.start[worker] if self.start else 0
+        if self.mode == "embeddings":
+            yield from self._iter_embeddings(worker, num_workers, skip)
+            return
         stats: Counter = Counter()
         reported: Counter = Counter()
         pos, items = 0, []
