@@ -98,9 +98,13 @@ class Stage1Config:
     batch_size: int = 512            # global batch size
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=20))
     temperature: float = 0.05
+    # DataLoader processes per rank reading the shards; 1 overlaps reading/tokenising with the
+    # step (0: in the training process, which the step then waits for).
+    num_workers: int = 1
 
     def __post_init__(self):
         _check(self.source in ("embeddings", "text"), "stage1.source", self.source, "'embeddings' or 'text'")
+        _check(self.num_workers >= 0, "stage1.num_workers", self.num_workers, "an int >= 0")
         _check(self.epochs > 0, "stage1.epochs", self.epochs, "a number > 0")
         _check(self.batch_size > 0, "stage1.batch_size", self.batch_size, "a positive int")
 

@@ -5,8 +5,8 @@ webdataset brace notation (`data/a-{000..009}.tar`); paths may be local or fsspe
 (`s3://...`, `gs://...`, `file://...`). Samples follow webdataset's convention: tar members
 `<key>.<ext>` grouped into dicts `{"__key__": key, "__url__": shard, ext: bytes, ...}`.
 
-Reading is done with plain `tarfile` in streaming mode rather than `wds.WebDataset` because we
-need exact control over what happens on a truncated tar (keep the samples read so far, count the
+Reading is done with our own streaming tar reader (`tarstream.py`, `tarfile` is 3x slower on
+small samples) rather than `wds.WebDataset` because we need exact control over what happens on a truncated tar (keep the samples read so far, count the
 damage, move on) and over the sample position (for checkpointable streams, see stream.py).
 Key splitting reuses webdataset's `base_plus_ext`, so sample dicts are identical to webdataset's.
 """
@@ -26,6 +26,8 @@ from typing import Any, Iterator
 import fsspec
 from braceexpand import braceexpand
 from webdataset.tariterators import base_plus_ext
+
+from xbt_dist.data.tarstream import open_tar_files
 
 log = logging.getLogger(__name__)
 
@@ -149,20 +151,16 @@ def iter_raw_samples(shard: str, stats: Counter | None = None) -> Iterator[dict[
     current: dict[str, Any] | None = None
     try:
         with fsspec.open(_strip_file(shard), "rb") as f:
-            with tarfile.open(fileobj=f, mode="r|*") as tar:
-                for member in tar:
-                    if not member.isreg():
-                        continue
-                    key, ext = base_plus_ext(member.name)
-                    if key is None or member.name.rsplit("/", 1)[-1].startswith("._"):
-                        continue
-                    data = tar.extractfile(member).read()
-                    if current is not None and current["__key__"] != key:
-                        yield current
-                        current = None
-                    if current is None:
-                        current = {"__key__": key, "__url__": shard}
-                    current[ext.lower()] = data
+            for name, data in open_tar_files(f):
+                key, ext = base_plus_ext(name)
+                if key is None or name.rsplit("/", 1)[-1].startswith("._"):
+                    continue
+                if current is not None and current["__key__"] != key:
+                    yield current
+                    current = None
+                if current is None:
+                    current = {"__key__": key, "__url__": shard}
+                current[ext.lower()] = data
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         if isinstance(e, FileNotFoundError):
             raise ShardError(f"shard {shard} does not exist; relist the shard set") from e

@@ -178,6 +178,11 @@ def _worker_entry(config: dict) -> None:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
+    def gather(obj) -> list:
+        out = [None] * world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     throttle = ReportThrottle(cfg.dist.report_every_s, any_rank)
 
     def report(metrics: dict) -> None:
@@ -194,7 +199,7 @@ def _worker_entry(config: dict) -> None:
     ctx = WorkerContext(rank=rank, world_size=world_size, local_rank=tctx.get_local_rank(), device=device,
                         make_backend=make_deepspeed_backend(cfg.dist, world_size, on_gpu),
                         report=report if config["report"] else None,
-                        barrier=dist.barrier, any_rank=any_rank)
+                        barrier=dist.barrier, any_rank=any_rank, gather=gather)
     from xbt_dist.train.loop import StopRequested
     try:
         result = config["stage_fn"](cfg, ctx, resume=bool(config["resume"] or attempt > 0), **config["kwargs"])

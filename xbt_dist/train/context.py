@@ -9,7 +9,7 @@ model, loss and loop code free of Ray and DeepSpeed imports.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -36,6 +36,8 @@ class WorkerContext:
     barrier: Callable[[], None] = lambda: None
     # collective "is this flag set on any rank?" (all-reduce max); identity locally
     any_rank: Callable[[bool], bool] = bool
+    # collective: every rank's picklable value, in rank order (all_gather_object); [x] locally
+    gather: Callable[[Any], list] = lambda x: [x]
 
     @property
     def is_main(self) -> bool:

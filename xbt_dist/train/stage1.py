@@ -88,7 +88,7 @@ def run_stage1(cfg: RunConfig, ctx: WorkerContext | None = None, resume: bool = 
         stream = SampleStream(s1.embeddings, mode="embeddings", batch_size=local_batch,
                               fields={"w_new": "text_new", "w_old": "text_old"},
                               rank=ctx.rank, world_size=ctx.world_size, seed=cfg.train.seed,
-                              shuffle_buffer=4096, drop_last=True)
+                              shuffle_buffer=4096, drop_last=True, num_workers=s1.num_workers)
         encode = None
     else:
         if not s1.text_shards:
@@ -97,7 +97,7 @@ def run_stage1(cfg: RunConfig, ctx: WorkerContext | None = None, resume: bool = 
         d_new, d_old = new.embed_dim, old.embed_dim
         stream = SampleStream(s1.text_shards, mode="text", batch_size=local_batch,
                               rank=ctx.rank, world_size=ctx.world_size, seed=cfg.train.seed,
-                              shuffle_buffer=4096, drop_last=True)
+                              shuffle_buffer=4096, drop_last=True, num_workers=s1.num_workers)
 
         @torch.no_grad()
         def encode(captions):  # both frozen text towers, each with its own tokenizer
@@ -127,11 +127,13 @@ def run_stage1(cfg: RunConfig, ctx: WorkerContext | None = None, resume: bool = 
                      load_trainable=module.load_state_dict,
                      checkpoint_every=cfg.train.checkpoint_every, log_every=cfg.train.log_every,
                      resume=resume, tb_dir=f"{stage_dir}/tb")
+    peaks = ctx.gather(peak_rss_mb())  # every rank's own high-water mark
     result = {"stage": "phi", "steps": state.step, "samples": state.samples,
               "wall_s": time.perf_counter() - t0, "d_new": d_new, "d_old": d_old,
               "trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad),
               "final_loss": state.history[-1]["loss"] if state.history else None,
-              "samples_per_s": mean_rate(state.history), "peak_rss_mb": peak_rss_mb(),
+              "samples_per_s": mean_rate(state.history),
+              "peak_rss_mb": max(peaks), "peak_rss_mb_per_rank": peaks,
               "phi_path": f"{stage_dir}/{PHI_FILE}"}
     if ctx.is_main:
         with backend.gathered():

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -149,16 +150,21 @@ def run_stage2(cfg: RunConfig, ctx: WorkerContext | None = None, resume: bool = 
                      checkpoint_every=tc.checkpoint_every, log_every=tc.log_every, resume=resume,
                      tb_dir=f"{stage_dir}/tb")
     wall = time.perf_counter() - t0
+    # Each rank skipped its own bad samples and has its own memory peak: report the cluster's.
+    per_rank = ctx.gather({"skipped": dict(stream.skipped), "peak_rss_mb": peak_rss_mb()})
+    skipped = dict(sum((Counter(r["skipped"]) for r in per_rank), Counter()))
     result = {"stage": "train", "method": tc.method, "target_source": tc.target_source,
               "steps": state.step, "samples": state.samples, "wall_s": wall,
-              "trainable_params": trainable, "peak_rss_mb": peak_rss_mb(),
+              "trainable_params": trainable,
+              "peak_rss_mb": max(r["peak_rss_mb"] for r in per_rank),
+              "peak_rss_mb_per_rank": [r["peak_rss_mb"] for r in per_rank],
               "peak_gpu_mb": (torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None,
               "samples_per_s": mean_rate(state.history),
-              "skipped": dict(stream.skipped), "old_model_loaded": old is not None,
+              "skipped": skipped, "old_model_loaded": old is not None,
               "final_loss": state.history[-1]["loss"] if state.history else None,
               "adapters_path": f"{stage_dir}/{ADAPTERS_FILE}", "world_size": ctx.world_size}
-    if stream.skipped and ctx.is_main:
-        print(f"[train] skipped bad samples: {dict(stream.skipped)}", file=sys.stderr)
+    if skipped and ctx.is_main:
+        print(f"[train] skipped bad samples (all ranks): {skipped}", file=sys.stderr)
     if ctx.is_main:
         with backend.gathered():
             torch.save(model.trainable_state_dict(), Path(stage_dir) / ADAPTERS_FILE)
@@ -166,7 +172,7 @@ def run_stage2(cfg: RunConfig, ctx: WorkerContext | None = None, resume: bool = 
                        inputs={"train_shards": tc.train_shards, "targets": tc.targets,
                                "phi": cfg.stage_dir("phi") if tc.phi_init == "stage1" else None},
                        counts={"steps": state.step, "samples": state.samples,
-                               "skipped": dict(stream.skipped)},
+                               "skipped": skipped},
                        result=result, history=state.history)
     ctx.barrier()
     return result
