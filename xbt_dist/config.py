@@ -98,13 +98,15 @@ class Stage1Config:
     batch_size: int = 512            # global batch size
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=20))
     temperature: float = 0.05
-    # DataLoader processes per rank reading the shards; 1 overlaps reading/tokenising with the
-    # step (0: in the training process, which the step then waits for).
-    num_workers: int = 1
+    # DataLoader processes per rank reading the shards. None: 1 for source=text (tar reading
+    # overlaps the text towers: 1.33x -> 1.01x the plain loop's step time), 0 for precomputed
+    # embeddings (numpy batches cost less in-process than shipping them from a worker).
+    num_workers: int | None = None
 
     def __post_init__(self):
         _check(self.source in ("embeddings", "text"), "stage1.source", self.source, "'embeddings' or 'text'")
-        _check(self.num_workers >= 0, "stage1.num_workers", self.num_workers, "an int >= 0")
+        _check(self.num_workers is None or self.num_workers >= 0, "stage1.num_workers",
+               self.num_workers, "an int >= 0, or null for the default")
         _check(self.epochs > 0, "stage1.epochs", self.epochs, "a number > 0")
         _check(self.batch_size > 0, "stage1.batch_size", self.batch_size, "a positive int")
 

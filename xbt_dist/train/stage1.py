@@ -79,6 +79,7 @@ def run_stage1(cfg: RunConfig, ctx: WorkerContext | None = None, resume: bool = 
     if local_batch < 1:
         raise ValueError(f"stage1.batch_size={s1.batch_size} is smaller than workers x grad_accum")
     t0 = time.perf_counter()
+    loaders = s1.num_workers if s1.num_workers is not None else int(s1.source == "text")
     if s1.source == "embeddings":
         if not s1.embeddings:
             raise ValueError("stage1.source=embeddings needs stage1.embeddings (run `xbt embed` on the text corpus)")
@@ -88,7 +89,7 @@ def run_stage1(cfg: RunConfig, ctx: WorkerContext | None = None, resume: bool = 
         stream = SampleStream(s1.embeddings, mode="embeddings", batch_size=local_batch,
                               fields={"w_new": "text_new", "w_old": "text_old"},
                               rank=ctx.rank, world_size=ctx.world_size, seed=cfg.train.seed,
-                              shuffle_buffer=4096, drop_last=True, num_workers=s1.num_workers)
+                              shuffle_buffer=4096, drop_last=True, num_workers=loaders)
         encode = None
     else:
         if not s1.text_shards:
@@ -97,7 +98,7 @@ def run_stage1(cfg: RunConfig, ctx: WorkerContext | None = None, resume: bool = 
         d_new, d_old = new.embed_dim, old.embed_dim
         stream = SampleStream(s1.text_shards, mode="text", batch_size=local_batch,
                               rank=ctx.rank, world_size=ctx.world_size, seed=cfg.train.seed,
-                              shuffle_buffer=4096, drop_last=True, num_workers=s1.num_workers)
+                              shuffle_buffer=4096, drop_last=True, num_workers=loaders)
 
         @torch.no_grad()
         def encode(captions):  # both frozen text towers, each with its own tokenizer
