@@ -61,6 +61,7 @@ def run_bench(name: str, a: argparse.Namespace) -> dict:
         from bench.stage2 import bench_stage2
         res = bench_stage2(out, cases=a.cases, device=a.device, peak_tflops=a.peak_tflops,
                            paper_repeats=a.paper_repeats, flush_denormal=a.flush_denormal,
+                           threads=a.threads,
                            **_kw(repeats=a.repeats, toy_root=a.toy_root))
     elif name == "data":
         from bench.data import bench_data

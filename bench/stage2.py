@@ -125,9 +125,9 @@ class Replica:
 
 
 def run_one(case: str, out: str, world: dict, targets: str, device: str, peak: float | None,
-            num_workers: int, flush_denormal: bool = False) -> dict:
+            num_workers: int, flush_denormal: bool = False, threads: int | None = None) -> dict:
     """One (case, method) in this (fresh) process: framework, replica split, plain loop."""
-    setup_torch()
+    setup_torch(*([threads] if threads else []))
     # Candidate fix under test: AdamW's second moment of tiny LoRA gradients goes subnormal on
     # CPU, and subnormal arithmetic is ~10-100x slower on x86; flushing them to zero avoids that.
     torch.set_flush_denormal(flush_denormal)
@@ -185,7 +185,7 @@ def run_isolated(*args) -> dict:
 
 def bench_stage2(out: str | Path, repeats: int = 2, cases: list[str] | None = None, device: str = "cpu",
                  peak_tflops: float | None = None, num_workers: int = 1, toy_root=None,
-                 paper_repeats: int = 1, flush_denormal: bool = False) -> dict:
+                 paper_repeats: int = 1, flush_denormal: bool = False, threads: int | None = None) -> dict:
     out = Path(out)
     world = get_world(out, **({"toy_root": toy_root} if toy_root is not None else {}))
     peak = device_peak_tflops(peak_tflops, device)
@@ -200,7 +200,7 @@ def bench_stage2(out: str | Path, repeats: int = 2, cases: list[str] | None = No
             arch = CASES[case][0]
             if r < (paper_repeats if arch == "paper" else repeats):
                 runs[case].append(run_isolated(case, str(out), world, targets[arch], device, peak,
-                                               num_workers, flush_denormal))
+                                               num_workers, flush_denormal, threads))
     rows, details = [], []
     for case, rs in runs.items():
         m = {k: median_of([x[k] for x in rs]) for k in (
@@ -239,7 +239,7 @@ def bench_stage2(out: str | Path, repeats: int = 2, cases: list[str] | None = No
     return {"name": name, "rows": rows, "details": details,
             "config": {"cases": {c: CASES[c] for c in cases}, "repeats": repeats,
                        "paper_repeats": paper_repeats, "device": device, "num_workers": num_workers,
-                       "flush_denormal": flush_denormal,
+                       "flush_denormal": flush_denormal, "torch_threads": threads,
                        "world": {k: str(v) for k, v in world.items()}, "peak_tflops": peak},
             "notes": ["each (case, repeat) runs in a fresh spawned process; values are medians.",
                       "paper/* = ViT-B-32 old, ViT-L-14 new, random weights, batch 2 on CPU: few "
