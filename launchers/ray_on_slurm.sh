@@ -70,9 +70,6 @@ PORT_ARGS=(
   --min-worker-port=$((PORT_BASE + 10)) --max-worker-port=$((PORT_BASE + 99))
 )
 HEAD_ARGS=(--ray-client-server-port=$((PORT_BASE + 7)))
-if [[ ${XBT_RAY_DASHBOARD:-1} != 1 ]]; then
-  HEAD_ARGS+=(--include-dashboard=false)   # Ray Train then warns every second that the state API is down
-fi
 COMMON_ARGS=(--temp-dir="$RAY_TMP" --disable-usage-stats --block)
 [[ -n ${XBT_RAY_OBJECT_STORE_BYTES:-} ]] && COMMON_ARGS+=(--object-store-memory="$XBT_RAY_OBJECT_STORE_BYTES")
 
@@ -94,8 +91,11 @@ HEAD_IP=${HEAD_IP:-$(hostname -i | awk '{print $1}')}
 N_NODES=${#NODES[@]}
 GPUS_PER_NODE=${SLURM_GPUS_ON_NODE:-0}
 export RAY_ADDRESS="$HEAD_IP:$GCS_PORT"
-[[ ${XBT_RAY_DASHBOARD:-1} == 1 ]] && HEAD_ARGS+=(--include-dashboard=true --dashboard-host="$HEAD_IP"
-                                                  --dashboard-port=$((PORT_BASE + 3)))
+if [[ ${XBT_RAY_DASHBOARD:-1} == 1 ]]; then  # on the cluster address, behind the job's Ray token (token auth is the default)
+  HEAD_ARGS+=(--include-dashboard=true --dashboard-host="$HEAD_IP" --dashboard-port=$((PORT_BASE + 3)))
+else
+  HEAD_ARGS+=(--include-dashboard=false)   # Ray Train then warns every second that the state API is down
+fi
 # Ray Train would route print() through a logger and print each progress line twice.
 export RAY_TRAIN_ENABLE_PRINT_PATCH=${RAY_TRAIN_ENABLE_PRINT_PATCH:-0}
 

@@ -148,6 +148,14 @@ class ShardBatchDataset(IterableDataset):
                 s["_emb"] = None if rows is None else {o: rows[f] for o, f in self.fields.items()}
             yield s
 
+    def _slot_plan(self, worker: int, num_workers: int) -> tuple[list[str], list[tuple[int, int]]]:
+        """This slot's shards in the epoch's order and the sample filters it applies (split_plan)."""
+        order = list(self.shards)
+        if self.shuffle:  # same permutation on every rank/worker so the split stays consistent
+            random.Random(f"{self.seed}-{self.epoch}-shards").shuffle(order)
+        sel, filters = split_plan(len(order), self.rank, self.world_size, worker, num_workers)
+        return (order[sel] if sel is not None else order), filters
+
     def _raw_stream(self, worker: int, num_workers: int, stats: Counter) -> Iterator[dict]:
         rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{worker}")
         if self.resampled:
@@ -157,12 +165,7 @@ class ShardBatchDataset(IterableDataset):
             source = (s for shard in shards_forever() for s in self._shard_samples(shard, stats))
             yield from _shuffle_buffer(source, self.shuffle_buffer if self.shuffle else 0, rng)
             return
-        order = list(self.shards)
-        if self.shuffle:  # same permutation on every rank/worker so the split stays consistent
-            random.Random(f"{self.seed}-{self.epoch}-shards").shuffle(order)
-        sel, filters = split_plan(len(order), self.rank, self.world_size, worker, num_workers)
-        if sel is not None:
-            order = order[sel]
+        order, filters = self._slot_plan(worker, num_workers)
 
         def filtered():
             counters = [0] * len(filters)
@@ -188,12 +191,9 @@ class ShardBatchDataset(IterableDataset):
             while True:
                 emb = self.emb_src.shard(self.shards[int(rng.integers(len(self.shards)))])
                 yield emb, (rng.permutation(len(emb)) if self.shuffle else np.arange(len(emb)))
-        order = list(self.shards)
-        if self.shuffle:  # same permutation on every rank/worker so the split stays consistent
-            random.Random(f"{self.seed}-{self.epoch}-shards").shuffle(order)
-        sel, filters = split_plan(len(order), self.rank, self.world_size, worker, num_workers)
+        order, filters = self._slot_plan(worker, num_workers)
         counters = [0] * len(filters)
-        for shard in order[sel] if sel is not None else order:
+        for shard in order:
             emb = self.emb_src.shard(shard)
             rows = np.arange(len(emb))
             for k, (mod, res) in enumerate(filters):  # running index over the previous filter's output

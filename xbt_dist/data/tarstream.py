@@ -15,6 +15,7 @@ import tarfile
 from typing import BinaryIO, Iterator
 
 BLOCK = 512
+_ZERO_BLOCK = bytes(BLOCK)
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")
 _REGULAR = (b"0", b"\0", b"7")
 
@@ -61,7 +62,7 @@ def iter_tar_files(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
     long_name: str | None = None
     while True:
         header = f.read(BLOCK)
-        if not header or header == b"\0" * BLOCK:  # end-of-archive marker (or a bare end)
+        if not header or header == _ZERO_BLOCK:  # end-of-archive marker (or a bare end)
             return
         if len(header) < BLOCK:
             raise EOFError("unexpected end of tar inside a header")
