@@ -234,6 +234,10 @@ class ServeConfig:
     max_upload_bytes: int = 8 << 20  # image uploads above this get 413
     max_text_chars: int = 1000       # longer captions get 422
     max_batch: int = 256             # most queries in one request
+    # torch intra-op threads of the service (0: leave torch's default). 1 by default: a batch-1
+    # query is too small to split, and on a loaded 2-core box 2 threads made the toy XBT text
+    # encoder 23 ms -> 511 ms per query (threads spinning on each other).
+    threads: int = 1
 
     def __post_init__(self):
         _check(self.index_type in INDEX_TYPES, "serve.index_type", self.index_type, f"one of {INDEX_TYPES}")
@@ -242,6 +246,7 @@ class ServeConfig:
         _check(self.max_upload_bytes > 0, "serve.max_upload_bytes", self.max_upload_bytes, "bytes > 0")
         _check(self.max_text_chars > 0, "serve.max_text_chars", self.max_text_chars, "an int > 0")
         _check(self.max_batch >= 1, "serve.max_batch", self.max_batch, "an int >= 1")
+        _check(self.threads >= 0, "serve.threads", self.threads, "an int >= 0 (0: torch default)")
 
 
 @dataclass

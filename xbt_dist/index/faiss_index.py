@@ -71,7 +71,7 @@ def effective_params(kind: str, n: int, d: int, cfg) -> dict:
             "bytes_per_vector": math.ceil(m * bits / 8), "notes": notes}
 
 
-def build_index(x, kind: str, cfg, train_sample: int = 200_000, seed: int = 0):
+def build_index(x, kind: str, cfg, seed: int = 0):
     """(index, info) over gallery rows `x`; info = effective params, build seconds, bytes."""
     faiss = _faiss()
     x = as_gallery(x)
@@ -89,9 +89,15 @@ def build_index(x, kind: str, cfg, train_sample: int = 200_000, seed: int = 0):
         quantizer = faiss.IndexFlatIP(d)
         index = faiss.IndexIVFPQ(quantizer, d, params["nlist"], params["m"], params["nbits"],
                                  faiss.METRIC_INNER_PRODUCT)
-        # k-means on a sample: training cost grows with the sample, not the gallery.
+        if params["notes"]:  # lowered for a small gallery, and recorded: FAISS need not warn again
+            index.cp.min_points_per_centroid = 1
+            index.pq.cp.min_points_per_centroid = 1
+        # k-means on a sample of 64 points per centroid (IVF lists or PQ codes, whichever needs
+        # more): training cost then grows with nlist, not with the gallery (1M rows: 65k points).
+        train_n = max(64 * params["nlist"], 64 * 2 ** params["nbits"])
         rng = np.random.default_rng(seed)
-        sample = x if n <= train_sample else x[rng.choice(n, train_sample, replace=False)]
+        sample = x if n <= train_n else x[np.sort(rng.choice(n, train_n, replace=False))]
+        params["train_points"] = int(len(sample))
         index.train(sample)
     index.add(x)
     set_search_params(index, kind, params)

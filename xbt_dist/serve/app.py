@@ -27,6 +27,7 @@ import time
 # Module level, not inside create_app: FastAPI resolves the (string) annotation `Request` of the
 # handlers in this module's globals.
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 
 from xbt_dist.config import RunConfig
@@ -169,7 +170,9 @@ def create_app(service: SearchService) -> FastAPI:
         modality, items, batched, opts = await query_of(request)
         encoder = opts.get("encoder", "xbt")
         captions = opts.get("captions") in (True, "1", "true")
-        results = run_search(encoder, modality, items, _k(service, opts.get("k")), captions)
+        # The model and index run in a worker thread: /health and /metrics stay responsive.
+        results = await run_in_threadpool(run_search, encoder, modality, items,
+                                          _k(service, opts.get("k")), captions)
         out = {"encoder": encoder, "gallery": f"{service.search_gallery(encoder)}/"
                                               f"{'image' if modality == 'text' else 'text'}",
                "index": service.kind, "query_modality": modality}
@@ -181,10 +184,11 @@ def create_app(service: SearchService) -> FastAPI:
         if batched or len(items) != 1:
             raise BadInput(422, "/compare takes one query ('text' or 'image'); use /search for batches")
         k = _k(service, opts.get("k"))
-        return {"query_modality": modality, "index": service.kind,
-                "columns": [{"encoder": e, "gallery": service.search_gallery(e),
-                             "results": run_search(e, modality, items, k, True)[0]}
-                            for e in service.encoders]}
+        columns = []
+        for e in service.encoders:
+            results = await run_in_threadpool(run_search, e, modality, items, k, True)
+            columns.append({"encoder": e, "gallery": service.search_gallery(e), "results": results[0]})
+        return {"query_modality": modality, "index": service.kind, "columns": columns}
 
     app.post("/search")(answer("search", do_search))
     app.post("/compare")(answer("compare", do_compare))

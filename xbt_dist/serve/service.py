@@ -112,6 +112,9 @@ class SearchService:
         if self.kind not in self.indexes.types:
             raise ValueError(f"serve.index_type={self.kind!r} was not built (built: {self.indexes.types}); "
                              "add it to index.types and rerun `xbt index build`")
+        if cfg.serve.threads:
+            import torch
+            torch.set_num_threads(cfg.serve.threads)
         views = ["old", "xbt"] + (["new"] if "new" in self.indexes.views else [])
         if encoder is None:
             from xbt_dist.index.encoders import QueryEncoder
