@@ -3,6 +3,7 @@
     xbt index build --config C        embed the gallery views once, build flat / IVF-PQ / HNSW indexes
     xbt index eval  --config C        six retrieval cases through each index, next to flat
     xbt serve       --config C        HTTP search service + web page over the old-gallery index
+    xbt backfill plan --config C      recall vs partial-backfill budget per ordering, in GPU-hours
 
 Registered into `xbt` by `add_upgrade_parsers` so the main CLI needs two lines for all of it.
 """
@@ -53,6 +54,16 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_backfill(args) -> int:
+    from xbt_dist.index.backfill import plan_backfill
+    cfg = _load(args)
+    res = plan_backfill(cfg, budgets=args.budgets, gallery_items=args.gallery_items, seed=args.seed,
+                        device="cuda" if args.gpu else "cpu")
+    print(json.dumps({"auc": {p: c["auc"] for p, c in res["policies"].items()},
+                      "plot": res["plot"]}, indent=2))
+    return 0
+
+
 def add_upgrade_parsers(sub) -> None:
     p = sub.add_parser("index", help="old-gallery FAISS indexes: build, eval")
     p.add_argument("action", choices=["build", "eval"])
@@ -63,3 +74,11 @@ def add_upgrade_parsers(sub) -> None:
     p.add_argument("--host", help="bind address (default serve.host, 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default serve.port; 0 picks a free one)")
     p.set_defaults(fn=cmd_serve)
+    p = sub.add_parser("backfill", help="partial backfill plan: recall vs budget, ordering policies, cost")
+    p.add_argument("action", choices=["plan"])
+    _common(p)
+    p.add_argument("--budgets", type=float, nargs="*", help="fractions re-embedded (default 0, 0.1, ..., 1)")
+    p.add_argument("--gallery-items", type=int, help="price budgets for this many items (default: this gallery)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random ordering")
+    p.add_argument("--gpu", action="store_true", help="measure embedding throughput on the GPU")
+    p.set_defaults(fn=cmd_backfill)
