@@ -23,10 +23,11 @@ def _clustered(n=3000, d=32, centers=30, seed=0):
 
 
 def test_flat_is_exact_inner_product():
-    """Catches: a flat index that is not exact cosine search (wrong metric, unnormalised rows)."""
+    """Catches: a flat index that is not exact cosine search (gallery rows left unnormalised)."""
     x = _clustered()
     q = x[:50] + 0.05
-    index, info = build_index(x * 3.0, "flat", IndexConfig())  # scaled rows: normalised inside
+    scale = np.random.default_rng(1).uniform(0.2, 5.0, size=(len(x), 1)).astype(np.float32)
+    index, info = build_index(x * scale, "flat", IndexConfig())  # unnormalised rows: cosine inside
     _, rows = search(index, q, 10)
     qn = q / np.linalg.norm(q, axis=1, keepdims=True)
     want = np.argsort(-(qn @ x.T), axis=1, kind="stable")[:, :10]
@@ -35,7 +36,8 @@ def test_flat_is_exact_inner_product():
 
 @pytest.mark.parametrize("kind", ["ivfpq", "hnsw"])
 def test_ann_indexes_find_most_exact_neighbours(kind, tmp_path):
-    """Catches: search parameters (nprobe, efSearch) lost on save/load, or a broken ANN build."""
+    """Catches: the configured search parameters (nprobe, efSearch) not in force after build + save
+    + load (FAISS defaults: nprobe=1, efSearch=16), or a broken ANN build."""
     x = _clustered()
     cfg = IndexConfig(nprobe=8, hnsw_ef_search=64)
     index, info = build_index(x, kind, cfg)
@@ -111,7 +113,15 @@ def test_index_build_and_eval_cli(run, tmp_path):
     from xbt_dist.index.build import load_gallery
     from xbt_dist.index.encoders import QueryEncoder
     from xbt_dist.index.evaluate import load_queries
+    from xbt_dist.index.evaluate import GalleryIndexes
     keys, rows = load_gallery(root / "gallery" / "old", "old")
+    idx = GalleryIndexes(root)
+    for view in ("old", "new", "xbt"):    # row i of every index is the embedding of keys.npy[i]
+        gk, grows = load_gallery(root / "gallery" / view, view)
+        for mod in ("image", "text"):
+            by_key = {k: r / np.linalg.norm(r) for k, r in zip(gk.tolist(), grows[mod])}
+            want = np.stack([by_key[k] for k in idx.keys(view).tolist()])
+            np.testing.assert_allclose(idx.rows(view, mod), want, atol=1e-5)
     qs = load_queries(run.eval.eval_shards)
     q = QueryEncoder(run, views=("xbt",)).texts("xbt", qs["captions"])
     scores = q @ (rows["image"] / np.linalg.norm(rows["image"], axis=1, keepdims=True)).T
@@ -184,3 +194,46 @@ def test_backfill_plan_cli_endpoints_match_index_eval(run, tmp_path):
         assert curve[-1]["R@5"] == pytest.approx(ev["new/new"]["flat"][d]["R@5"])
     assert res["cost"][-1]["items"] == 1_000_000 and res["cost"][-1]["device_hours"] > 0
     assert (out / "backfill.png").stat().st_size > 0 and "AUC" in (out / "backfill.md").read_text()
+
+
+def test_cutover_gate_and_wilson():
+    """Catches: a gate that says go with a failed check or a missing step."""
+    from xbt_dist.index.card import cutover_gate, wilson
+    ok = {"exact": {"verdict": {"compatible": True}, "on_off": {"equal": True}},
+          "index": {"verdict": {"hnsw": {"compatible": True}}, "matches_run": True}}
+    assert cutover_gate(ok, "hnsw", [])["decision"] == "go"
+    assert cutover_gate(ok, "hnsw", ["xbt backfill plan"])["decision"] == "no-go"
+    assert cutover_gate(ok, "ivfpq", [])["reasons"] == ["verdict on the served ivfpq index not compatible (or not evaluated)"]
+    bad = {**ok, "exact": {"verdict": {"compatible": True}, "on_off": {"equal": False}}}
+    assert cutover_gate(bad, "hnsw", [])["reasons"] == ["adapters off does not reproduce the untouched new model"]
+    bad = {**ok, "index": {**ok["index"], "matches_run": False}}
+    assert cutover_gate(bad, "hnsw", [])["decision"] == "no-go"
+    lo, hi = wilson(0.5, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
+
+
+def test_card_cli_collects_the_run(run, tmp_path):
+    """Catches: a card whose identities or numbers are not the run's own."""
+    from xbt_dist.cli import main
+    from xbt_dist.config import dump_config
+    from xbt_dist.eval.evaluate import run_eval
+    from xbt_dist.index.identity import file_sha256
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(dump_config(run))
+    root = Path(run.stage_dir("index"))
+    if not (root / "index_eval.json").is_file():
+        assert main(["index", "build", "--config", str(cfg_path)]) == 0
+        assert main(["index", "eval", "--config", str(cfg_path)]) == 0
+    run_eval(run)
+    assert main(["card", "--config", str(cfg_path)]) == 0
+    card = json.loads((Path(run.out_dir) / "card" / "card.json").read_text())
+    ids = card["identities"]
+    assert ids["old"]["sha256"] == file_sha256(run.old.pretrained) == card["index"]["old_model"]["sha256"]
+    assert ids["adapters_sha256"] == file_sha256(Path(run.stage_dir("train")) / "adapters.pt")
+    ev = json.loads((Path(run.stage_dir("eval")) / "eval.json").read_text())["compat"]
+    r = card["exact"]["cases"]["xbt/old"]["t2i"]["R@1"]
+    assert r["value"] == ev["cases"]["xbt/old"]["t2i"]["R@1"] and r["ci95"][0] <= r["value"] <= r["ci95"][1]
+    assert card["exact"]["on_off"]["equal"] is True and card["index"]["matches_run"] is True
+    gate = card["cutover"]
+    assert (gate["decision"] == "go") == (not gate["reasons"] and not gate["missing_steps"])
+    assert "Rollback" in (Path(run.out_dir) / "card" / "card.md").read_text()

@@ -4,6 +4,7 @@
     xbt index eval  --config C        six retrieval cases through each index, next to flat
     xbt serve       --config C        HTTP search service + web page over the old-gallery index
     xbt backfill plan --config C      recall vs partial-backfill budget per ordering, in GPU-hours
+    xbt card --config C               compatibility card (card.md + card.json) and the cutover gate
 
 Registered into `xbt` by `add_upgrade_parsers` so the main CLI needs two lines for all of it.
 """
@@ -64,6 +65,13 @@ def cmd_backfill(args) -> int:
     return 0
 
 
+def cmd_card(args) -> int:
+    from xbt_dist.index.card import write_card
+    res = write_card(_load(args))
+    print(json.dumps({"cutover": res["card"]["cutover"], **res["paths"]}, indent=2))
+    return 0
+
+
 def add_upgrade_parsers(sub) -> None:
     p = sub.add_parser("index", help="old-gallery FAISS indexes: build, eval")
     p.add_argument("action", choices=["build", "eval"])
@@ -82,3 +90,6 @@ def add_upgrade_parsers(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random ordering")
     p.add_argument("--gpu", action="store_true", help="measure embedding throughput on the GPU")
     p.set_defaults(fn=cmd_backfill)
+    p = sub.add_parser("card", help="compatibility card of a run (card.md + card.json), cutover gate")
+    _common(p)
+    p.set_defaults(fn=cmd_card)

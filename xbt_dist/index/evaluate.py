@@ -27,7 +27,7 @@ from xbt_dist.artifacts import atomic_write_text, read_manifest
 from xbt_dist.config import RunConfig
 from xbt_dist.data.shards import iter_image_text
 from xbt_dist.index.build import KIND, MODALITIES, index_dir
-from xbt_dist.index.faiss_index import as_gallery, build_index, load_index, search
+from xbt_dist.index.faiss_index import build_index, load_index, search, to_gpu
 
 CASES = (("old", "old"), ("new", "old"), ("phi", "old"), ("xbt", "old"), ("new", "new"), ("xbt", "xbt"))
 
@@ -57,8 +57,9 @@ def load_queries(spec: str) -> dict:
 class GalleryIndexes:
     """The built indexes of one `index.dir`, loaded lazily: `get(view, modality, type)`."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, use_gpu: bool = False):
         self.root = Path(root)
+        self.use_gpu = use_gpu  # flat and IVF-PQ searched on GPU 0 (index.use_gpu); HNSW stays on CPU
         self.manifest = read_manifest(self.root)
         if self.manifest.get("kind") != KIND:
             raise ValueError(f"{self.root} is a {self.manifest.get('kind')!r} artifact, not an index "
@@ -87,13 +88,15 @@ class GalleryIndexes:
                            "add the view/type to index.views/index.types and rerun `xbt index build`")
         if name not in self._cache:
             e = self.entries[name]
-            self._cache[name] = load_index(self.root / e["path"], kind, e["params"])
+            index = load_index(self.root / e["path"], kind, e["params"])
+            self._cache[name] = to_gpu(index, kind) if self.use_gpu else index
         return self._cache[name]
 
     def rows(self, view: str, modality: str) -> np.ndarray:
         """The gallery rows, reconstructed from the exact (flat) index or the embedding set."""
-        if f"{view}/{modality}.flat" in self.entries:
-            idx = self.get(view, modality, "flat")
+        if f"{view}/{modality}.flat" in self.entries:  # the CPU copy from disk, GPU or not
+            e = self.entries[f"{view}/{modality}.flat"]
+            idx = load_index(self.root / e["path"], "flat", e["params"])
             return idx.reconstruct_n(0, idx.ntotal)
         from xbt_dist.index.build import load_gallery
         return load_gallery(self.manifest["inputs"]["galleries"][view], view)[1][modality]
@@ -115,7 +118,7 @@ def evaluate_indexes(cfg: RunConfig, encoder=None, queries: dict | None = None) 
     """Six cases x index types; writes index_eval.json/.md into the index dir; returns the result."""
     ic = cfg.index
     root = index_dir(cfg)
-    idx = GalleryIndexes(root)
+    idx = GalleryIndexes(root, use_gpu=ic.use_gpu)
     spec = ic.query_shards or cfg.eval.eval_shards
     if queries is None:
         if not spec:
@@ -130,6 +133,7 @@ def evaluate_indexes(cfg: RunConfig, encoder=None, queries: dict | None = None) 
              for v in encoder.views}
     d_old = q_emb["old"]["text"].shape[1] if "old" in q_emb else None
     results, skipped_cases = {}, {}
+    hits: dict[tuple, np.ndarray] = {}   # (case, kind, direction) -> per-query hit@1, for flip rates
     for qv, gv in CASES:
         case = f"{qv}/{gv}"
         if qv not in q_emb or gv not in idx.views:
@@ -160,7 +164,9 @@ def evaluate_indexes(cfg: RunConfig, encoder=None, queries: dict | None = None) 
                 dt = time.perf_counter() - t0
                 k = rows.shape[1]
                 overlap = [len(set(a[a >= 0]) & set(b)) / k for a, b in zip(rows, exact_rows)]
-                res = {**_recalls(ranks_of_positives(rows, positive), ic.ks),
+                ranks = ranks_of_positives(rows, positive)
+                hits[(case, kind, direction)] = ranks < 1
+                res = {**_recalls(ranks, ic.ks),
                        f"ann_recall@{k}": float(np.mean(overlap)) if overlap else float("nan"),
                        "n_queries": int(len(q)), "skipped_queries": int((~keep).sum()),
                        "queries_per_s": round(len(q) / max(dt, 1e-9), 1)}
@@ -168,9 +174,15 @@ def evaluate_indexes(cfg: RunConfig, encoder=None, queries: dict | None = None) 
                     res["note"] = note
                 results[case].setdefault(kind, {})[direction] = res
     verdicts = {kind: _verdict(results, kind, cfg.eval.criterion_ks) for kind in idx.types}
+    # Negative flips (the backward-compatibility literature's regression measure): queries the old
+    # system answered right at rank 1 that the XBT query gets wrong, on the same index.
+    flips = {kind: {d: float(np.mean(hits[("old/old", kind, d)] & ~hits[("xbt/old", kind, d)]))
+                    for d in ("t2i", "i2t")}
+             for kind in idx.types if ("xbt/old", kind, "t2i") in hits and ("old/old", kind, "t2i") in hits}
     out = {"index_dir": str(root), "query_shards": spec, "ks": list(ic.ks),
            "n_queries": {"t2i": len(queries["captions"]), "i2t": len(queries["images"])},
            "cases": results, "skipped_cases": skipped_cases, "verdict": verdicts,
+           "negative_flip_rate@1": flips,
            "indexes": {n: {k: e[k] for k in ("type", "n", "d", "params", "build_s", "bytes")}
                        for n, e in idx.entries.items()}}
     atomic_write_text(root / "index_eval.json", json.dumps(out, indent=2) + "\n")
@@ -209,6 +221,9 @@ def format_markdown(res: dict) -> str:
     lines.append("\n## Eqn-1 verdict per index\n")
     for kind, v in res["verdict"].items():
         lines.append(f"- {kind}: compatible = {v['compatible']}")
+    if res.get("negative_flip_rate@1"):
+        lines.append("\nNegative flip rate @1 (old/old right, xbt/old wrong): " + "; ".join(
+            f"{k}: t2i {v['t2i']:.3f}, i2t {v['i2t']:.3f}" for k, v in res["negative_flip_rate@1"].items()))
     lines.append("\n## Indexes\n\n| index | n | d | params | build s | MiB |\n|---|---|---|---|---|---|")
     for name, e in res["indexes"].items():
         p = {k: v for k, v in e["params"].items() if k != "notes"}
