@@ -134,7 +134,8 @@ def main(argv=None) -> int:
     print(f"[bench.index] synthetic gallery {x.shape} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
     def save(more):
-        write_result(a.out, {"name": "index", "rows": rows + more,
+        write_result(a.out, {"command": "nice -n 15 python -m bench.index " + " ".join(sys.argv[1:]),
+                         "name": "index", "rows": rows + more,
                          "config": {"n": a.n, "d": a.d, "queries": a.queries, "threads": a.threads,
                                     "index": {"nlist": a.nlist, "pq_m": cfg.pq_m, "pq_bits": cfg.pq_bits,
                                               "nprobe": cfg.nprobe, "hnsw_m": a.hnsw_m,

@@ -103,7 +103,8 @@ def main(argv=None) -> int:
         print(f"[bench.serve] {rows[-5:]}", file=sys.stderr)
     srv.should_exit = True
     n = {g: s for g, s in service.gallery_sizes().items()}
-    write_result(a.out, {"name": "serve", "rows": rows,
+    write_result(a.out, {"command": "nice -n 15 python -m bench.serve " + " ".join(sys.argv[1:]),
+                         "name": "serve", "rows": rows,
                          "config": {"run": a.config, "index_type": cfg.serve.index_type, "gallery": n,
                                     "old": cfg.old.arch, "new": cfg.new.arch, "threads": a.threads},
                          "notes": ["batch 1: sequential single-query requests, one TCP connection each",
