@@ -8,6 +8,8 @@
     xbt eval --config C                       compatibility report
     xbt params --config C                     trainable-parameter report (paper Table 6)
     xbt prep ...  /  xbt submit ...           data preparation / SLURM submission
+    xbt index build|eval --config C           old-gallery FAISS indexes (flat, IVF-PQ, HNSW)
+    xbt serve --config C                      HTTP search service + web page over the index
 
 Every stage command takes `--set section.key=value` overrides and the distribution flags
 (`--workers`, `--use-gpu`, `--zero-stage`, `--ray-address`); more than one worker, or a Ray
@@ -154,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_demo)
     from xbt_dist.prep.cli import add_prep_parser
     add_prep_parser(sub)
+    from xbt_dist.index.cli import add_upgrade_parsers  # xbt index build|eval, xbt serve
+    add_upgrade_parsers(sub)
     # Listed for --help; main() hands its arguments to launchers/submit.py untouched.
     sub.add_parser("submit", add_help=False,
                    help="submit stages or the whole pipeline to SLURM with submitit (launchers/submit.py)")

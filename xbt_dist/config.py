@@ -182,6 +182,73 @@ class EvalConfig:
     tsne_points: int = 300
 
 
+INDEX_TYPES = ("flat", "ivfpq", "hnsw")
+GALLERY_VIEWS = ("old", "new", "xbt")
+
+
+@dataclass
+class IndexConfig:
+    """Old-gallery ANN indexes (`xbt index build/eval`, read by `xbt serve`); FAISS, inner product."""
+    gallery_shards: str | None = None  # image-text shard set of the gallery (default: eval.eval_shards)
+    old_embeddings: str | None = None  # existing image_old/text_old set of that gallery (else embedded once)
+    query_shards: str | None = None    # multi-caption queries of `xbt index eval` (default: eval.eval_shards)
+    dir: str | None = None           # output directory (default: <out_dir>/index)
+    views: tuple[str, ...] = ("old", "new", "xbt")  # galleries to index; old is the one that ships
+    types: tuple[str, ...] = ("flat", "ivfpq", "hnsw")
+    ivf_nlist: int = 0               # IVF lists; 0: 4*sqrt(n), clipped so each list trains on >= 39 points
+    pq_m: int = 8                    # PQ sub-quantisers (must divide d); 8 x 8 bits = 8 B per vector
+    pq_bits: int = 8                 # bits per sub-quantiser code (lowered for galleries < 2**bits * 39)
+    nprobe: int = 16                 # IVF lists visited per query
+    hnsw_m: int = 32                 # HNSW links per node
+    hnsw_ef_construction: int = 80
+    hnsw_ef_search: int = 64
+    ks: tuple[int, ...] = (1, 5, 10)  # Recall@K of `xbt index eval`; the largest K is the search depth
+    use_gpu: bool = False            # move indexes to the GPU (needs a FAISS build with GPU support)
+    batch_size: int = 256            # encoder batch for gallery embedding and eval queries
+
+    def __post_init__(self):
+        _check(set(self.types) <= set(INDEX_TYPES) and len(self.types) > 0, "index.types", self.types,
+               f"a non-empty list of {INDEX_TYPES}")
+        _check(set(self.views) <= set(GALLERY_VIEWS) and "old" in self.views, "index.views",
+               self.views, f"a list of {GALLERY_VIEWS} that includes 'old'")
+        _check(self.ivf_nlist >= 0, "index.ivf_nlist", self.ivf_nlist, "an int >= 0 (0: automatic)")
+        _check(self.pq_m >= 1, "index.pq_m", self.pq_m, "an int >= 1 that divides the embedding dim")
+        _check(1 <= self.pq_bits <= 16, "index.pq_bits", self.pq_bits, "an int in [1, 16]")
+        _check(self.nprobe >= 1, "index.nprobe", self.nprobe, "an int >= 1")
+        _check(self.hnsw_m >= 2, "index.hnsw_m", self.hnsw_m, "an int >= 2")
+        _check(self.hnsw_ef_construction >= 1, "index.hnsw_ef_construction",
+               self.hnsw_ef_construction, "an int >= 1")
+        _check(self.hnsw_ef_search >= 1, "index.hnsw_ef_search", self.hnsw_ef_search, "an int >= 1")
+        _check(len(self.ks) > 0 and min(self.ks) >= 1, "index.ks", self.ks, "a list of ints >= 1")
+        _check(self.batch_size >= 1, "index.batch_size", self.batch_size, "an int >= 1")
+
+
+@dataclass
+class ServeConfig:
+    """`xbt serve`: the query service over the old-gallery index."""
+    host: str = "127.0.0.1"
+    port: int = 8080
+    index_type: str = "hnsw"         # which built index answers (flat | ivfpq | hnsw)
+    top_k: int = 10                  # results per query unless the request asks for fewer/more
+    max_k: int = 100                 # largest k a request may ask for
+    max_upload_bytes: int = 8 << 20  # image uploads above this get 413
+    max_text_chars: int = 1000       # longer captions get 422
+    max_batch: int = 256             # most queries in one request
+    # torch intra-op threads of the service (0: leave torch's default). 1 by default: a batch-1
+    # query is too small to split, and on a loaded 2-core box 2 threads made the toy XBT text
+    # encoder 23 ms -> 511 ms per query (threads spinning on each other).
+    threads: int = 1
+
+    def __post_init__(self):
+        _check(self.index_type in INDEX_TYPES, "serve.index_type", self.index_type, f"one of {INDEX_TYPES}")
+        _check(0 <= self.port < 65536, "serve.port", self.port, "a TCP port (0: any free port)")
+        _check(1 <= self.top_k <= self.max_k, "serve.top_k", self.top_k, f"an int in [1, serve.max_k={self.max_k}]")
+        _check(self.max_upload_bytes > 0, "serve.max_upload_bytes", self.max_upload_bytes, "bytes > 0")
+        _check(self.max_text_chars > 0, "serve.max_text_chars", self.max_text_chars, "an int > 0")
+        _check(self.max_batch >= 1, "serve.max_batch", self.max_batch, "an int >= 1")
+        _check(self.threads >= 0, "serve.threads", self.threads, "an int >= 0 (0: torch default)")
+
+
 @dataclass
 class RunConfig:
     """A whole run: models, method, data, training, distribution, evaluation."""
@@ -196,6 +263,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def stage_dir(self, stage: str) -> str:
         return f"{self.out_dir.rstrip('/')}/{stage}"
