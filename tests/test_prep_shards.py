@@ -34,6 +34,12 @@ def _img(fmt: str = "JPEG", color=(10, 200, 30)) -> bytes:
     return buf.getvalue()
 
 
+def _noisy_jpeg() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3)).astype(np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
 LONG_DIR = "long/" + "x" * 140  # > 100 bytes: only a PAX `path` record can hold it
 DIR, SYMLINK = ("type", tarfile.DIRTYPE), ("type", tarfile.SYMTYPE)  # non-regular members
 MESSY = [  # (member name, data bytes or a non-regular type), in archive order
@@ -45,7 +51,7 @@ MESSY = [  # (member name, data bytes or a non-regular type), in archive order
     (f"{LONG_DIR}/k4.jpg", _img()), (f"{LONG_DIR}/k4.txt", b"long name via PAX"),
     ("café/ünï.jpg", _img()), ("café/ünï.txt", "non-ASCII name via PAX".encode()),
     ("bad_img.jpg", b"\xff\xd8 not a jpeg"), ("bad_img.txt", b"corrupt image"),
-    ("cut_img.jpg", _img()[:60]), ("cut_img.txt", b"image bytes cut short"),
+    ("cut_img.jpg", _noisy_jpeg()[:800]), ("cut_img.txt", b"header fine, pixel data cut short"),
     ("no_cap.jpg", _img()),
     ("blank_cap.jpg", _img()), ("blank_cap.txt", b"  \n "),
     ("bin_cap.jpg", _img()), ("bin_cap.txt", b"\xff\xfe\x00bad"),
@@ -79,12 +85,14 @@ def _messy_set(d: Path) -> None:
     _write_messy(d / "a-000.tar")
     with ShardWriter(d, prefix="b", samples_per_shard=3) as w:
         for i in range(6):
-            w.write({"__key__": f"w{i}", "jpg": _img(color=(i * 40, 0, 0)), "txt": f"caption {i}"})
-    # b-000000: cut in the middle of w2's image, its first member (w2 is lost, w0 and w1 stay)
+            w.write({"__key__": f"w{i}", "jpg": _img(color=(i * 40, 0, 0)), "txt": f"caption {i}",
+                     "json": {"i": i, "pad": "x" * 50}})
+    # b-000000: cut in the middle of w2's json, its last member: w2 is read with the image and the
+    # caption it has (as webdataset yields it), so it is a good sample for training and validate
     raw = (d / "b-000000.tar").read_bytes()
     with tarfile.open(d / "b-000000.tar") as t:
-        m = [m for m in t.getmembers() if m.name == "w2.jpg"][0]
-    (d / "b-000000.tar").write_bytes(raw[: m.offset_data + 10])
+        m = [m for m in t.getmembers() if m.name == "w2.json"][0]
+    (d / "b-000000.tar").write_bytes(raw[: m.offset_data + 3])
     # b-000001: cut exactly between w4 and w5 (no half member: only the missing end marker tells)
     raw = (d / "b-000001.tar").read_bytes()
     with tarfile.open(d / "b-000001.tar") as t:
@@ -111,9 +119,10 @@ def test_validate_training_embed_agree_on_a_messy_set(tmp_path):
     for shard in sorted(d.glob("*.tar")):
         keys[shard.name], s = _stream_keys(str(shard))
         skipped += s
-    assert keys == {"a-000.tar": GOOD_MESSY, "b-000000.tar": ["w0", "w1"], "b-000001.tar": ["w3", "w4"]}
+    assert keys == {"a-000.tar": GOOD_MESSY, "b-000000.tar": ["w0", "w1", "w2"],
+                    "b-000001.tar": ["w3", "w4"]}
     assert sizes == {name: len(k) for name, k in keys.items()}
-    assert report["totals"]["good"] == sum(sizes.values()) == 11
+    assert report["totals"]["good"] == sum(sizes.values()) == 12
     assert report["skipped"] == dict(skipped) == {
         "bad_image": 5,  # bad_img, cut_img, no_img, between, the txt half of split
         "missing_caption": 5,  # no_cap, blank_cap, bin_cap, both_bad, the jpg half of split
@@ -125,16 +134,21 @@ def test_validate_training_embed_agree_on_a_messy_set(tmp_path):
         first.setdefault((p["shard"], p["key"]), p["problem"])
     assert first[("a-000.tar", "bad_img")] == first[("a-000.tar", "cut_img")] == "bad_image"
     assert first[("a-000.tar", "both_bad")] == "missing_caption"  # caption is checked first
-    assert first[("b-000000.tar", "w1")] == first[("b-000001.tar", "w4")] == "truncated_tar"
+    assert first[("b-000000.tar", "w2")] == "truncated_tar"
+    assert first[("b-000001.tar", "w4")] == "truncated_tar"
     assert report["totals"]["truncated_shards"] == 2  # the mid-member cut and the missing end marker
 
     # `xbt embed` (old-model targets) keeps the same samples and counts the same skips
     enc = {"image_old": lambda ims: np.ones((len(ims), 2)), "text_old": lambda t: np.ones((len(t), 2))}
     counts = embed_shards(str(d), tmp_path / "emb", enc, ["image_old", "text_old"], progress=None)
-    assert counts["samples"] == 11 and counts["skipped"] == report["skipped"]
+    assert counts["samples"] == 12 and counts["skipped"] == report["skipped"]
     stats = Counter()
     assert [k for k, *_ in iter_image_text(str(d), stats)] == [k for n in sorted(keys) for k in keys[n]]
     assert dict(stats) == report["skipped"]
+
+    # --no-decode parses headers only: the cut image passes there but not in training (documented)
+    fast = validate_shards(d, decode=False, write=False)
+    assert fast["totals"]["good"] == 13 and fast["skipped"]["bad_image"] == 4
 
 
 def test_check_sample_is_the_decode_rule_training_uses(tmp_path):
