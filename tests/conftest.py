@@ -59,6 +59,26 @@ def write_tiny_world(root: Path) -> dict:
     return world
 
 
+# ---- suite markers (registered in pyproject.toml; the README's `pytest -q tests` runs everything)
+# `cluster`: starts a Ray cluster or submits to SLURM -- whole files, so new tests there are marked.
+# `slow`: over ~20 s on the 2-core CI machine, measured with `pytest --durations=0` (numbers in
+# seconds from that run); deselect both for a quick loop: `pytest -m "not slow and not cluster"`.
+# New tests mark themselves with `@pytest.mark.slow` / `@pytest.mark.cluster`; this table keeps
+# other helpers' files free of edits, and `test_marked_tests_exist` fails when an entry goes stale.
+CLUSTER_FILES = ("test_dist_ray.py", "test_slurm.py", "test_slurm_xbt.py")
+SLOW_TESTS: dict[str, float] = {
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = item.nodeid.split("::", 1)[0]
+        if path.rsplit("/", 1)[-1] in CLUSTER_FILES:
+            item.add_marker(pytest.mark.cluster)
+        if item.nodeid.split("[", 1)[0] in SLOW_TESTS or path in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("tiny")

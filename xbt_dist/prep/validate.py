@@ -78,7 +78,7 @@ def scan_shard(path: str | os.PathLike, kind: str, decode: bool = True,
         res.problems.append({"shard": res.shard, "key": key, "problem": "truncated_tar",
                              "detail": f"tar is cut or corrupt after key {key}: the rest of the shard "
                                        "is lost (the samples before it count, as in training)"})
-    elif res.samples and not tar_is_complete(str(path)):
+    elif not tar_is_complete(str(path)):  # also catches a 0-byte tar (a failed copy)
         res.truncated = True
         res.problems.append({"shard": res.shard, "key": key, "problem": "truncated_tar",
                              "detail": f"no end-of-archive marker after key {key}: the tar was cut "
