@@ -272,7 +272,7 @@ def split_member_name(name: str) -> tuple[str | None, str | None]:
 
     webdataset's rule (`base_plus_ext`): the key is the path up to the first dot of the basename
     (`dir/sub/0001.seg.png` -> key `dir/sub/0001`, field `seg.png`); the field is lower-cased, so
-    `0001.JPG` is an `jpg` image. Names without a dot and macOS resource forks (`._*`) are ignored.
+    `0001.JPG` is a `jpg` image. Names without a dot and macOS resource forks (`._*`) are ignored.
     """
     if name.rsplit("/", 1)[-1].startswith("._"):
         return None, None
