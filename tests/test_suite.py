@@ -28,14 +28,14 @@ def test_markers_registered_and_default_timeout_set():
 
 
 def test_marked_tests_exist():
-    """Fails when a test in conftest's SLOW_TESTS / CLUSTER_FILES was renamed or moved: its
-    marker would silently stop applying."""
+    """Fails when a test in conftest's SLOW_TESTS / TIMEOUTS / CLUSTER_FILES was renamed or moved:
+    its marker would silently stop applying."""
     for name in conftest.CLUSTER_FILES:
         assert (ROOT / "tests" / name).is_file(), name
-    for nodeid in conftest.SLOW_TESTS:
+    for nodeid in {**conftest.SLOW_TESTS, **conftest.TIMEOUTS}:
         path, _, func = nodeid.partition("::")
         assert (ROOT / path).is_file(), nodeid
         if func:
             tree = ast.parse((ROOT / path).read_text())
             names = {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
-            assert func in names, f"{nodeid}: no such test in {path}; update SLOW_TESTS in conftest.py"
+            assert func in names, f"{nodeid}: no such test in {path}; update the tables in conftest.py"
