@@ -59,6 +59,51 @@ def write_tiny_world(root: Path) -> dict:
     return world
 
 
+# ---- suite markers and timeouts (registered in pyproject.toml; the README's `pytest -q tests`
+# runs everything; a quick loop deselects both: `pytest -m "not slow and not cluster"`)
+# `cluster`: starts a Ray cluster or submits to SLURM -- whole files, so new tests there are marked.
+# `slow`: over ~20 s in one full `pytest --durations=0` run on the shared 2-core machine (seconds
+# from that run, under load); new tests mark themselves with `@pytest.mark.slow`.
+# `TIMEOUTS`: tests that may legitimately run past the default `timeout` of pyproject.toml (a
+# first DeepSpeed run JIT-compiles its CPU ops: minutes on 2 cores); a test's own
+# `@pytest.mark.timeout` wins. Tables keep other files free of edits; `tests/test_suite.py`
+# fails when an entry goes stale.
+CLUSTER_FILES = ("test_dist_ray.py", "test_slurm.py", "test_slurm_xbt.py")
+SLOW_TESTS: dict[str, float] = {  # seconds in the full `--durations=0` run (shared machine, load ~7)
+    "tests/test_dist.py::test_deepspeed_zero2_zero3_match_single_process_on_xbt_model": 1685,  # JIT build wait
+    "tests/test_dist.py::test_global_batch_loss_and_grads_match_single_worker": 33,
+    "tests/test_prep_images.py::test_prep_images_records_failures_and_keeps_good_samples": 98,
+    "tests/test_prep_to_train.py::test_urls_to_shards_to_xbt_run": 70,
+    "tests/test_adapters.py::test_disabled_is_bit_identical_after_training": 35,
+    "tests/test_adapters.py::test_each_of_q_k_v_out_lora_is_active": 23,
+    # cluster tests that are slow too (the quick loop deselects them either way)
+    "tests/test_dist_ray.py": 416,
+    "tests/test_slurm.py::test_submitit_preemption_checkpoints_and_resumes": 114,
+    "tests/test_slurm.py::test_sbatch_runs_stage_on_ray_cluster": 106,
+    "tests/test_slurm.py::test_scontrol_requeue_resumes_to_same_result": 37,
+    "tests/test_slurm.py::test_usr1_checkpoints_and_self_requeues": 31,
+    "tests/test_slurm_xbt.py": 137,
+}
+TIMEOUTS: dict[str, int] = {
+    # DeepSpeed ZeRO on 2 gloo ranks; the first test JIT-compiles DeepSpeed's shm op (190-460 s
+    # per build measured here under load, while other checkouts held the build lock)
+    "tests/test_dist.py": 900,
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = item.nodeid.split("::", 1)[0]
+        test = item.nodeid.split("[", 1)[0]
+        if path.rsplit("/", 1)[-1] in CLUSTER_FILES:
+            item.add_marker(pytest.mark.cluster)
+        if test in SLOW_TESTS or path in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
+        limit = TIMEOUTS.get(test, TIMEOUTS.get(path))
+        if limit is not None and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(limit))
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("tiny")

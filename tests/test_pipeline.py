@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
+import numpy as np
 import torch
 
 from xbt_dist.config import dump_config
@@ -42,20 +42,65 @@ def test_pipeline_end_to_end(tiny_cfg, tmp_path, monkeypatch):
     assert "old/old" in Path(res["paths"]["report_md"]).read_text()
 
 
+def _printed(out: str) -> list[dict]:
+    """Every JSON object the CLI printed (each starts a line), in order."""
+    found, dec = [], json.JSONDecoder()
+    for i in [0] + [j + 1 for j, c in enumerate(out) if c == "\n"]:
+        if out.startswith("{", i):
+            try:
+                found.append(dec.raw_decode(out, i)[0])
+            except ValueError:
+                pass
+    return found
+
+
 def test_cli_stages_and_resume(tiny_cfg, tmp_path, capsys):
+    """The CLI path end to end, checked by the files and numbers each command leaves (an exit
+    code of 0 with an empty embedding set, no phi file or a skipped step would fail here)."""
     from xbt_dist.cli import main
+    from xbt_dist.data.embeddings import EmbeddingShardSet
+    cfg = tiny_cfg
     cfg_path = tmp_path / "run.yaml"
-    cfg_path.write_text(dump_config(tiny_cfg))
+    cfg_path.write_text(dump_config(cfg))
+
     assert main(["embed", "--config", str(cfg_path), "--batch-size", "16"]) == 0
+    emb = _printed(capsys.readouterr().out)[-1]
+    # the tiny world: 2 text shards x 64 captions, 2 image-text shards x 32 pairs, none bad
+    assert emb[cfg.stage1.embeddings]["samples"] == 128 and emb[cfg.train.targets]["samples"] == 64
+    assert all(r["skipped"] == {} and r["complete"] for r in emb.values())
+    assert sum(EmbeddingShardSet(cfg.train.targets).counts().values()) == 64
+
     assert main(["pretrain-phi", "--config", str(cfg_path)]) == 0
+    phi = _printed(capsys.readouterr().out)[-1]
+    assert phi["stage"] == "phi" and phi["steps"] >= 1 and np.isfinite(phi["final_loss"])
+    assert Path(phi["phi_path"]).stat().st_size > 0
+
     assert main(["train", "--config", str(cfg_path), "--set", "train.checkpoint_every=2"]) == 0
-    ckpts = Path(tiny_cfg.stage_dir("train")) / "checkpoints"
+    train = _printed(capsys.readouterr().out)[-1]
+    assert train["stage"] == "train" and train["steps"] == 3 and train["samples"] == 24  # 3 x batch 8
+    assert train["skipped"] == {} and np.isfinite(train["final_loss"])
+    assert Path(train["adapters_path"]).stat().st_size > 0
+    ckpts = Path(cfg.stage_dir("train")) / "checkpoints"
     assert (ckpts / "latest").read_text() == "step_00000003"
-    # resuming a finished run continues from its final checkpoint and does no further step
+    # resuming a finished run continues from its final checkpoint: 2 more steps, not 5
     assert main(["train", "--config", str(cfg_path), "--resume", "--set", "train.max_steps=5"]) == 0
-    out = capsys.readouterr().out
-    assert json.loads(out[out.rindex("{\n  \"stage\": \"train\""):])["steps"] == 5
+    resumed = _printed(capsys.readouterr().out)[-1]
+    assert resumed["steps"] == 5 and (ckpts / "latest").read_text() == "step_00000005"
+
     assert main(["eval", "--config", str(cfg_path)]) == 0
+    ev = _printed(capsys.readouterr().out)[-1]
+    assert isinstance(ev["verdict"]["compatible"], bool)
+    for f in ("eval_json", "report_md", "recall_bars"):
+        assert Path(ev["report"][f]).stat().st_size > 0
+    result = json.loads(Path(ev["report"]["eval_json"]).read_text())
+    cases = result["compat"]["cases"]
+    assert set(cases) >= {"old/old", "new/old", "xbt/old"}
+    for name in ("old/old", "new/old", "xbt/old"):
+        for direction in ("t2i", "i2t"):
+            r = cases[name][direction]  # recall fractions, non-decreasing in K
+            ks = sorted((k for k in r if k.startswith("R@")), key=lambda k: int(k[2:]))
+            assert ks and all(0.0 <= r[k] <= 1.0 for k in ks), (name, r)
+            assert all(r[a] <= r[b] for a, b in zip(ks, ks[1:])), (name, r)
 
 
 def test_cli_rejects_unknown_key(tmp_path, capsys):

@@ -14,9 +14,14 @@ from PIL import Image
 
 from xbt_dist.prep.cli import main as prep_main
 from xbt_dist.prep.evalsets import build_retrieval_set, build_zeroshot_set
-from xbt_dist.prep.shardio import TarShardWriter, read_sizes
+from xbt_dist.data.shards import ShardWriter, ustar_header
+from xbt_dist.data.stream import SampleStream
 from xbt_dist.prep.text import HashSet64, TextCorpusConfig, build_text_corpus, normalize_text
 from xbt_dist.prep.validate import validate_shards
+
+
+def read_sizes(d: Path) -> dict:
+    return json.loads((d / "sizes.json").read_text())
 
 
 def _jpeg(color=(200, 30, 30), size=(12, 10)) -> bytes:
@@ -35,15 +40,13 @@ def _read_texts(d: Path) -> list[tuple[str, str]]:
 @pytest.mark.parametrize("name,size", [("k.txt", 0), ("0000000001.txt", 37), ("é_ü.jpg", 512),
                                        ("a" * 96 + ".txt", 10**6), ("d" * 60 + "/" + "b" * 60 + ".txt", 3)])
 def test_ustar_header_matches_tarfile(name, size):
-    from xbt_dist.prep.shardio import ustar_header
-
     info = tarfile.TarInfo(name)
     info.mode, info.mtime, info.size = 0o644, 0, size
     assert ustar_header(name, size) == info.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8")
 
 
 def test_tar_shard_writer_reads_back_with_tarfile_and_webdataset(tmp_path):
-    with TarShardWriter(tmp_path, samples_per_shard=2) as w:
+    with ShardWriter(tmp_path, samples_per_shard=2) as w:
         for i in range(3):
             w.write({"__key__": f"s{i}", "txt": "x" * (i * 300), "json": {"i": i}})
     assert read_sizes(tmp_path) == {"shard-000000.tar": 2, "shard-000001.tar": 1}
@@ -85,7 +88,7 @@ def test_text_corpus_from_parquet_txt_and_tar(tmp_path):
     pd.DataFrame({"TEXT": ["a dog on grass", None, "a  dog on grass", "x", "caf\u0065\u0301 at night"],
                   "URL": ["u"] * 5}).to_parquet(src / "a.parquet")
     (src / "b.txt").write_text("a dog on grass\nthe red bus\n\n" + "y" * 50 + "\ncafé at night\n")
-    with TarShardWriter(tmp_path / "wds", samples_per_shard=10) as w:
+    with ShardWriter(tmp_path / "wds", samples_per_shard=10) as w:
         w.write({"__key__": "k0", "jpg": _jpeg(), "txt": "the red bus"})
         w.write({"__key__": "k1", "jpg": _jpeg(), "txt": "a boat"})
 
@@ -119,7 +122,7 @@ def test_text_corpus_names_missing_parquet_column(tmp_path):
 # ---------------------------------------------------------------- validate
 
 def _make_bad_set(d: Path) -> None:
-    with TarShardWriter(d, samples_per_shard=4) as w:
+    with ShardWriter(d, samples_per_shard=4) as w:
         for i in range(4):
             w.write({"__key__": f"a{i}", "jpg": _jpeg(), "txt": f"caption {i}"})
         w.write({"__key__": "b0", "jpg": b"\xff\xd8 not really a jpeg", "txt": "corrupt image"})
@@ -139,7 +142,7 @@ def test_validate_reports_truncated_corrupt_and_missing_caption(tmp_path, capsys
     _make_bad_set(d)
     report = validate_shards(d)
     kinds = {(p["shard"], p["key"], p["problem"]) for p in report["problems"]}
-    assert ("shard-000001.tar", "b0", "undecodable_image") in kinds
+    assert ("shard-000001.tar", "b0", "bad_image") in kinds
     assert ("shard-000001.tar", "b1", "missing_caption") in kinds
     assert any(s == "shard-000002.tar" and p == "truncated_tar" for s, _, p in kinds)
     assert report["totals"]["truncated_shards"] == 1
@@ -153,18 +156,17 @@ def test_validate_reports_truncated_corrupt_and_missing_caption(tmp_path, capsys
     # CLI: summary printed, exit 0 unless --strict
     assert prep_main(["validate", str(d)]) == 0
     out = capsys.readouterr().out
-    assert "undecodable_image" in out and "truncated_tar" in out and "missing_caption" in out
+    assert "bad_image" in out and "truncated_tar" in out and "missing_caption" in out
     assert prep_main(["validate", str(d), "--strict", "--no-decode", "--dry-run"]) == 1
 
 
 def test_validate_sizes_match_what_training_stream_yields(tmp_path):
     """Acceptance: validate's sizes.json == the samples the training stream keeps; the stream
     skips (and counts) the same bad samples instead of crashing."""
-    stream_mod = pytest.importorskip("xbt_dist.data.stream")
     d = tmp_path / "set"
     _make_bad_set(d)
     report = validate_shards(d)
-    stream = stream_mod.SampleStream(str(d), batch_size=4, shuffle=False)
+    stream = SampleStream(str(d), batch_size=4, shuffle=False)
     keys = [k for batch in stream for k in batch["keys"]]
     assert len(keys) == sum(read_sizes(d).values()) == report["totals"]["good"]
     assert stream.skipped["missing_caption"] == 1 and stream.skipped["bad_image"] == 1
@@ -173,7 +175,7 @@ def test_validate_sizes_match_what_training_stream_yields(tmp_path):
 
 def test_validate_tar_cut_at_member_boundary(tmp_path):
     d = tmp_path / "set"
-    with TarShardWriter(d, samples_per_shard=10) as w:
+    with ShardWriter(d, samples_per_shard=10) as w:
         for i in range(3):
             w.write({"__key__": f"k{i}", "txt": f"text number {i}"})
     p = d / "shard-000000.tar"

@@ -10,6 +10,10 @@ Reading is done with our own streaming tar reader (`tarstream.py`; `tarfile` rea
 truncated tar (keep the samples read so far, count the damage, move on) and over the sample
 position (for checkpointable streams, see stream.py).
 Key splitting reuses webdataset's `base_plus_ext`, so sample dicts are identical to webdataset's.
+
+This module is the one owner of the shard format: besides reading, it holds the key rule
+(`split_member_name`), the good-sample rule (`check_sample`, used by `xbt prep validate` and the
+training stream), the one tar writer (`ShardWriter`) and the one `sizes.json` writer.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import io
 import json
 import logging
 import os
+import re
 import tarfile
 import zlib
 from collections import Counter
@@ -136,10 +141,14 @@ class _maybe_open:
             self.f.close()
 
 
-def write_sizes(directory: str | os.PathLike, sizes: dict[str, int]) -> None:
-    """Write `sizes.json` (shard file name -> sample count) next to the shards."""
+def write_sizes(directory: str | os.PathLike, sizes: dict[str, int]) -> str:
+    """Write `sizes.json` (shard file name -> sample count, in shard order) next to the shards.
+
+    The one sizes writer: prep, validate, the toy world and the synthetic sets all call it."""
     from xbt_dist.artifacts import atomic_write_text
-    atomic_write_text(os.path.join(os.fspath(directory), SIZES), json.dumps(sizes, indent=1) + "\n")
+    path = os.path.join(os.fspath(directory), SIZES)
+    atomic_write_text(path, json.dumps(dict(sorted(sizes.items())), indent=1) + "\n")
+    return path
 
 
 def iter_raw_samples(shard: str, stats: Counter | None = None) -> Iterator[dict[str, Any]]:
@@ -247,3 +256,301 @@ def iter_text(spec, stats: Counter | None = None) -> Iterator[tuple[str, str]]:
                 _warn_skip(stats, "missing_caption", sample)
                 continue
             yield sample["__key__"], caption
+
+
+# ---------------------------------------------------------------- the one shard format
+# Everything below is what prep, `xbt prep validate`, embed and training share so that they cannot
+# disagree about a sample: the key rule (`split_member_name`, `check_member_name`), the good-sample
+# rule (`check_sample`), the end-of-archive check (`tar_is_complete`) and the one tar writer
+# (`ShardWriter`, with `write_sizes` above). Reading is `iter_raw_samples` above.
+
+SAMPLE_KINDS = ("image-text", "text", "eval", "zeroshot")
+
+
+def split_member_name(name: str) -> tuple[str | None, str | None]:
+    """The key rule: tar member name -> `(key, field)`, or `(None, None)` for members a reader ignores.
+
+    webdataset's rule (`base_plus_ext`): the key is the path up to the first dot of the basename
+    (`dir/sub/0001.seg.png` -> key `dir/sub/0001`, field `seg.png`); the field is lower-cased, so
+    `0001.JPG` is a `jpg` image. Names without a dot and macOS resource forks (`._*`) are ignored.
+    """
+    if name.rsplit("/", 1)[-1].startswith("._"):
+        return None, None
+    key, ext = base_plus_ext(name)
+    if key is None:
+        return None, None
+    return key, ext.lower()
+
+
+def check_member_name(key: str, field: str) -> str:
+    """`<key>.<field>` if a reader gets exactly `(key, field)` back from it, else ValueError.
+
+    The writer's side of the key rule: a dot in the key would split one sample into two, a
+    leading `._` would hide it, an upper-case field would come back lower-cased."""
+    name = f"{key}.{field}"
+    if not field or split_member_name(name) != (key, field):
+        raise ValueError(
+            f"sample key {key!r} with field {field!r} does not survive the tar round trip (read back "
+            f"as {split_member_name(name)}): keys may not contain '.' or start with '._', fields must "
+            "be lower-case and non-empty; rename the key (e.g. replace '.' with '_')")
+    return name
+
+
+def _image_or_problem(data: bytes, decode: bool):
+    """(RGB PIL image or None, problem detail or None) for one image member."""
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            # convert("RGB") is a full decode, exactly what training's transform gets; without
+            # decode only the header is parsed (validate --no-decode)
+            return (im.convert("RGB") if decode else None), None
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError...)
+        # drop "<_io.BytesIO object at 0x...>" so reports of the same data compare equal
+        return None, re.sub(r" ?<[^>]* at 0x[0-9a-f]+>", "", f"{type(e).__name__}: {e}")[:200]
+
+
+class SampleCheck:
+    """Verdict of `check_sample`: `problems` as `(reason, detail)` pairs (empty = good), plus the
+    decoded `caption` and RGB `image` when the checks produced them (so training decodes once).
+
+    `reason` (the first problem) is the name training counts a skipped sample under:
+    `missing_caption`, `bad_image`, `bad_class` or `bad_json`."""
+
+    __slots__ = ("problems", "caption", "image")
+
+    def __init__(self) -> None:
+        self.problems: list[tuple[str, str]] = []
+        self.caption: str | None = None
+        self.image = None
+
+    @property
+    def good(self) -> bool:
+        return not self.problems
+
+    @property
+    def reason(self) -> str | None:
+        return self.problems[0][0] if self.problems else None
+
+    def __repr__(self) -> str:
+        return f"SampleCheck(problems={self.problems}, caption={self.caption!r})"
+
+
+def check_sample(sample: dict, kind: str = "image-text", *, decode: bool = True,
+                 n_classes: int | None = None, all_problems: bool = False) -> SampleCheck:
+    """The good-sample rule, for a webdataset sample dict from `iter_raw_samples`.
+
+    `kind` (`image-text`, `text`, `eval`, `zeroshot`; `image_text` also accepted): what the
+    sample must hold. Checked in this order, which is also training's skip order:
+    1. caption (all kinds but zero-shot, where it is optional): `txt` present, utf-8, not blank
+       -> else `missing_caption`;
+    2. image (all kinds but text): the first of jpg/jpeg/png/webp present and decodable (a full
+       `convert("RGB")` unless `decode=False`) -> else `bad_image`;
+    3. zero-shot: `cls` an integer in `[0, n_classes)` -> else `bad_class`;
+    4. eval: a `json` member, when present, has a non-empty `captions` list -> else `bad_json`.
+    Training stops at the first problem (`all_problems=False`: an image is not decoded for a
+    sample that already lacks its caption); validate asks for all of them.
+    """
+    kind = kind.replace("_", "-")
+    if kind not in SAMPLE_KINDS:
+        raise ValueError(f"kind={kind!r} is not one of {SAMPLE_KINDS}")
+    out = SampleCheck()
+
+    def problem(reason: str, detail: str) -> bool:
+        out.problems.append((reason, detail))
+        return not all_problems  # True = stop here
+
+    if kind != "zeroshot" or "txt" in sample:
+        raw = sample.get("txt")
+        if raw is None:
+            detail = f"no txt field; fields: {sorted(k for k in sample if not k.startswith('_'))}"
+        else:
+            try:
+                out.caption = raw.decode("utf-8").strip() or None
+                detail = "empty txt"
+            except UnicodeDecodeError as e:
+                detail = f"txt is not utf-8: {e}"
+        if out.caption is None and problem("missing_caption", detail):
+            return out
+    if kind != "text":
+        ext = next((e for e in IMAGE_EXTS if e in sample), None)
+        if ext is None:
+            detail = f"no {'/'.join(IMAGE_EXTS)} field; fields: " \
+                     f"{sorted(k for k in sample if not k.startswith('_'))}"
+        else:
+            out.image, detail = _image_or_problem(sample[ext], decode)
+        if detail is not None and problem("bad_image", detail):
+            return out
+    if kind == "zeroshot":
+        try:
+            c = int(sample["cls"])
+            if n_classes is not None and not 0 <= c < n_classes:
+                if problem("bad_class", f"cls {c} outside [0, {n_classes})"):
+                    return out
+        except (KeyError, ValueError) as e:
+            if problem("bad_class", f"missing or non-integer cls ({e!r})"):
+                return out
+    if kind == "eval" and "json" in sample:
+        try:
+            if not json.loads(sample["json"]).get("captions"):
+                problem("missing_caption", "json has no captions")
+        except (ValueError, AttributeError) as e:
+            problem("bad_json", str(e)[:200])
+    return out
+
+
+def is_good_sample(sample: dict, kind: str = "image-text", decode: bool = True) -> bool:
+    """True when `check_sample` finds no problem (the sample counts in sizes.json)."""
+    return check_sample(sample, kind, decode=decode).good
+
+
+def tar_is_complete(shard: str) -> bool:
+    """False when an uncompressed tar lacks its end-of-archive blocks (two zero 512-byte blocks).
+
+    A tar cut exactly between two members reads cleanly (nothing is half-read), so only its tail
+    tells that members after the cut are missing. Compressed tars report truncation while being
+    read, so they count as complete here. A tar cut right after a member whose data ends in 1 KiB
+    of zeros would pass: the check is for reports, sample counts never depend on it.
+    """
+    with fsspec.open(_strip_file(shard), "rb") as f:
+        head = f.read(6)
+        if head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ")):
+            return True
+        size = f.seek(0, os.SEEK_END)
+        if size < 1024:
+            return False
+        f.seek(size - 1024)
+        return f.read(1024) == bytes(1024)
+
+
+# ---- the one tar writer
+
+def _encode(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, (int, float)):
+        return str(value).encode("utf-8")
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, ensure_ascii=False).encode("utf-8")
+    raise TypeError(f"cannot store a {type(value).__name__} in a shard; use bytes, str, int or dict")
+
+
+_BLOCK = 512
+_RECORD = 20 * _BLOCK  # tar files are padded to whole 10 KiB records, like tarfile/GNU tar do
+
+
+def _header_template() -> tuple[bytes, int]:
+    info = tarfile.TarInfo("x")
+    info.mode, info.mtime, info.size = 0o644, 0, 0
+    hdr = bytearray(info.tobuf(format=tarfile.USTAR_FORMAT))
+    hdr[0:100] = bytes(100)
+    hdr[124:136] = bytes(12)
+    hdr[148:156] = b" " * 8  # checksum is computed with its own field as spaces
+    return bytes(hdr), sum(hdr)
+
+
+_HEADER, _HEADER_SUM = _header_template()
+
+
+def ustar_header(name: str, size: int) -> bytes:
+    """USTAR header of a regular file (mode 644, mtime 0, uid/gid 0): the same bytes as tarfile's
+    (PAX + USTAR for names USTAR cannot hold).
+
+    Built from a precomputed template: `tarfile.TarInfo.tobuf` deep-copies and re-encodes every
+    field, ~10x slower, which was the largest cost of a 67M-caption text corpus."""
+    name_b = name.encode("utf-8")
+    if len(name_b) > 100 or size >= 8 ** 11:
+        # long names need the prefix field / huge sizes need base-256: let tarfile handle them;
+        # a name USTAR cannot split (> 100 bytes without a '/' at the right place) gets a PAX
+        # `path` record first (one more 512-byte-multiple header, which every reader handles)
+        info = tarfile.TarInfo(name)
+        info.mode, info.mtime, info.size = 0o644, 0, size
+        try:
+            return info.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8")
+        except ValueError:
+            return info.tobuf(format=tarfile.PAX_FORMAT, encoding="utf-8")
+    size_b = b"%011o\0" % size
+    chk = _HEADER_SUM + sum(name_b) + sum(size_b)
+    return b"".join((name_b, bytes(100 - len(name_b)), _HEADER[100:124], size_b, _HEADER[136:148],
+                     b"%06o\0 " % chk, _HEADER[156:]))
+
+
+class ShardWriter:
+    """Writes samples (dicts with `__key__` plus fields) into `<prefix>-NNNNNN.tar` shards of at
+    most `samples_per_shard` samples each; `close()` writes `sizes.json` and returns the sizes.
+
+    Deterministic bytes (mtime 0, mode 644, no user names): the same input gives byte-identical
+    shards, cheap to verify with a checksum. Each shard is written to a hidden temp name and renamed
+    when complete, so a crash never leaves a truncated shard under a final name. Every member name
+    goes through `check_member_name`, so what is written is what `iter_raw_samples` reads back.
+    Values: bytes as they are, str utf-8, int/float as text, dict/list as JSON; None is skipped.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, prefix: str = "shard", samples_per_shard: int = 10000):
+        if samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+        self.out_dir = os.fspath(out_dir)
+        os.makedirs(self.out_dir, exist_ok=True)
+        self.prefix = prefix
+        self.samples_per_shard = samples_per_shard
+        self.sizes: dict[str, int] = {}
+        self._tar = None  # open file object of the shard being written
+        self._tmp = ""
+        self._name = ""
+        self._count = 0
+        self._bytes = 0
+        self._shard = 0
+
+    def _open(self) -> None:
+        self._name = f"{self.prefix}-{self._shard:06d}.tar"
+        self._tmp = os.path.join(self.out_dir, f".{self._name}.tmp")
+        self._tar = open(self._tmp, "wb")
+        self._count = self._bytes = 0
+
+    def _finish_shard(self) -> None:
+        if self._tar is None:
+            return
+        # end-of-archive: two zero blocks, then zero padding to a whole record
+        end = self._bytes + 2 * _BLOCK
+        self._tar.write(bytes(2 * _BLOCK + (-end) % _RECORD))
+        self._tar.close()
+        os.replace(self._tmp, os.path.join(self.out_dir, self._name))
+        self.sizes[self._name] = self._count
+        self._tar = None
+        self._shard += 1
+
+    def write(self, sample: dict[str, Any]) -> None:
+        key = sample["__key__"]
+        members = [(check_member_name(key, field), _encode(value)) for field, value in sample.items()
+                   if field != "__key__" and value is not None]  # all checked before any byte is written
+        if self._tar is None:
+            self._open()
+        for name, data in members:
+            pad = (-len(data)) % _BLOCK
+            header = ustar_header(name, len(data))
+            self._tar.write(header)
+            self._tar.write(data)
+            if pad:
+                self._tar.write(bytes(pad))
+            self._bytes += len(header) + len(data) + pad
+        self._count += 1
+        if self._count >= self.samples_per_shard:
+            self._finish_shard()
+
+    def close(self) -> dict[str, int]:
+        self._finish_shard()
+        write_sizes(self.out_dir, self.sizes)
+        return dict(self.sizes)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._tar is not None:
+            # leave no temp file behind; completed shards stay (they are whole)
+            self._tar.close()
+            os.unlink(self._tmp)
+            self._tar = None

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from xbt_dist.artifacts import atomic_write_text, write_manifest
-from xbt_dist.prep.shardio import TarShardWriter
+from xbt_dist.data.shards import ShardWriter
 
 RETRIEVAL_FORMATS = ("coco", "flickr30k", "nocaps")
 # the CLIP paper's short ensemble subset; pass --templates for the full 80 ImageNet prompts
@@ -100,7 +100,7 @@ def build_retrieval_set(annotations: str | os.PathLike, image_root: str | os.Pat
                                 "the images named in the annotation file")
     counts = {"images": 0, "captions": 0, "missing_images": 0, "no_captions": 0}
     missing: list[str] = []
-    with TarShardWriter(out_dir, prefix=fmt, samples_per_shard=samples_per_shard) as w:
+    with ShardWriter(out_dir, prefix=fmt, samples_per_shard=samples_per_shard) as w:
         for key, rel, caps, meta in records:
             if not caps:
                 counts["no_captions"] += 1
@@ -188,7 +188,7 @@ def build_zeroshot_set(image_root: str | os.PathLike, out_dir: str | os.PathLike
         raise ValueError(f"templates must contain '{{}}' where the class name goes; bad: {bad}")
     counts = {"images": 0, "missing_images": 0, "classes": len(classes)}
     per_class = [0] * len(classes)
-    with TarShardWriter(out_dir, prefix="zeroshot", samples_per_shard=samples_per_shard) as w:
+    with ShardWriter(out_dir, prefix="zeroshot", samples_per_shard=samples_per_shard) as w:
         for i, (path, ci) in enumerate(items):
             if not path.is_file():
                 counts["missing_images"] += 1

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xbt_dist.artifacts import atomic_write_text, write_manifest
-from xbt_dist.prep.shardio import write_sizes
+from xbt_dist.data.shards import write_sizes
 
 INPUT_FORMATS = ("parquet", "csv", "tsv", "txt", "csv.gz", "tsv.gz", "txt.gz", "json", "jsonl")
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")

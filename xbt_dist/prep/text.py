@@ -17,7 +17,6 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
-import tarfile
 import time
 import unicodedata
 from dataclasses import asdict, dataclass, field
@@ -27,7 +26,7 @@ from typing import Iterator
 import numpy as np
 
 from xbt_dist.artifacts import write_manifest
-from xbt_dist.prep.shardio import TarShardWriter
+from xbt_dist.data.shards import ShardWriter, iter_raw_samples
 
 TEXT_SUFFIXES = (".parquet", ".txt", ".tar")
 # caption column names tried in order when none is given (img2dataset / LAION / generic)
@@ -151,11 +150,10 @@ def _txt_lines(path: Path) -> Iterator[str]:
 
 
 def _tar_texts(path: Path) -> Iterator[str]:
-    # stream mode: reads sequentially, never seeks; image members are skipped unread
-    with tarfile.open(path, "r|*") as tf:
-        for member in tf:
-            if member.isfile() and member.name.endswith(".txt"):
-                yield tf.extractfile(member).read().decode("utf-8", errors="replace")
+    # the shard reader training uses: same key rule; a cut tar keeps the texts before the cut
+    for sample in iter_raw_samples(str(path)):
+        if "txt" in sample:
+            yield sample["txt"].decode("utf-8", errors="replace")
 
 
 def iter_source(path: Path, cfg: TextCorpusConfig) -> Iterator[str]:
@@ -186,7 +184,7 @@ def build_text_corpus(inputs: list[str], out_dir: str | os.PathLike,
         raise FileNotFoundError(f"no text sources found in {inputs}")
     counts = TextCorpusCounts()
     seen = HashSet64()
-    writer = TarShardWriter(out_dir, prefix=cfg.prefix, samples_per_shard=cfg.texts_per_shard)
+    writer = ShardWriter(out_dir, prefix=cfg.prefix, samples_per_shard=cfg.texts_per_shard)
     t0 = time.time()
     next_log = log_every
     batch: list[str] = []

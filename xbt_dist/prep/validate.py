@@ -1,34 +1,34 @@
 """`xbt prep validate`: scan a shard set, count samples, find what training would trip over.
 
-Per shard it reads the tar sequentially (as the training stream does), groups members into
-samples by webdataset's key rule (basename up to the first dot), and checks each sample:
-image present and decodable (full PIL decode by default, since that is what training does),
-caption present and non-empty, `cls` an index into `classes.json` for zero-shot sets. A tar that
-ends mid-member or lacks the end-of-archive blocks is reported as truncated; the samples before
-the cut still count. Output: `sizes.json` with the *good* samples per shard (what a
-skip-bad-samples loader yields; used for epoch length and rank splits), and `validate.json` listing
-every problem with shard and key.
+It reads each tar with the training reader (`data.shards.iter_raw_samples`: same member grouping,
+key rule and truncation handling) and judges each sample with the training stream's rule
+(`data.shards.check_sample`), so validation and training cannot disagree about a sample:
+`sizes.json` holds the *good* samples per shard, exactly what the skip-bad-samples stream yields
+(used for epoch length and rank splits), and `skipped` in `validate.json` equals the
+stream's skip counts. Problems: `missing_caption`, `bad_image` (missing or undecodable; the
+detail says which), `bad_class` (zero-shot), `bad_json` (eval), and `truncated_tar` for a tar
+cut mid-member (the samples before the cut still count) or lacking its end-of-archive blocks.
+`validate.json` lists every problem with shard and key.
 
 Cost: dominated by image decode, ~2-5 ms per 256 px JPEG per core; `workers` scans shards in
-parallel processes. `decode=False` only parses image headers (~20x faster).
+parallel processes. `decode=False` only parses image headers (~20x faster); then an image that
+fails only in a full decode is counted good here but skipped by training.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import re
-import tarfile
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from xbt_dist.artifacts import atomic_write_text
-from xbt_dist.prep.shardio import IMAGE_EXTS, list_tars, write_sizes
+from xbt_dist.data.shards import (IMAGE_EXTS, SAMPLE_KINDS, check_sample, iter_raw_samples,
+                                  tar_is_complete, write_sizes)
 
-KINDS = ("auto", "image-text", "text", "eval", "zeroshot")
+KINDS = ("auto",) + SAMPLE_KINDS
 _MANIFEST_KINDS = {"image_text_shards": "image-text", "text_shards": "text",
                    "eval_shards": "eval", "zeroshot_shards": "zeroshot"}
 MAX_LISTED_PROBLEMS = 100_000  # problems listed in validate.json; all are counted
@@ -40,110 +40,50 @@ class ShardResult:
     samples: int = 0
     good: int = 0
     truncated: bool = False
+    # what the training stream's `skipped` counter says for this shard: the first problem of each
+    # bad sample, plus `truncated_shard` when the reader hit a cut
+    skipped: dict = field(default_factory=dict)
     problems: list[dict] = field(default_factory=list)
 
 
-def split_key(name: str) -> tuple[str, str]:
-    """webdataset's rule: key = path up to the first dot of the basename, field = the rest."""
-    d, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    return (f"{d}/{stem}" if d else stem), ext.lower()
-
-
-def _check_image(data: bytes, decode: bool) -> str | None:
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            if decode:
-                im.load()
-        return None
-    except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBomb...)
-        # drop "<_io.BytesIO object at 0x...>" so reports of the same data compare equal
-        return re.sub(r" ?<[^>]* at 0x[0-9a-f]+>", "", f"{type(e).__name__}: {e}")[:200]
-
-
-def check_sample(key: str, fields: dict[str, bytes], kind: str, decode: bool,
-                 n_classes: int | None) -> list[tuple[str, str]]:
-    """Problems of one sample as (problem, detail) pairs; empty list = good."""
-    problems = []
-    if kind != "text":
-        img = next((e for e in IMAGE_EXTS if e in fields), None)
-        if img is None:
-            problems.append(("missing_image", f"no {'/'.join(IMAGE_EXTS)} field; fields: {sorted(fields)}"))
-        else:
-            err = _check_image(fields[img], decode)
-            if err:
-                problems.append(("undecodable_image", err))
-    if kind != "zeroshot" or "txt" in fields:
-        txt = fields.get("txt")
-        if txt is None:
-            problems.append(("missing_caption", "no txt field"))
-        else:
-            try:
-                if not txt.decode("utf-8").strip():
-                    problems.append(("missing_caption", "empty txt"))
-            except UnicodeDecodeError as e:
-                problems.append(("missing_caption", f"txt is not utf-8: {e}"))
-    if kind == "zeroshot":
-        try:
-            c = int(fields["cls"])
-            if n_classes is not None and not 0 <= c < n_classes:
-                problems.append(("bad_class", f"cls {c} outside [0, {n_classes})"))
-        except (KeyError, ValueError) as e:
-            problems.append(("bad_class", f"missing or non-integer cls ({e!r})"))
-    if kind == "eval" and "json" in fields:
-        try:
-            caps = json.loads(fields["json"]).get("captions")
-            if not caps:
-                problems.append(("missing_caption", "json has no captions"))
-        except (ValueError, AttributeError) as e:
-            problems.append(("bad_json", str(e)[:200]))
-    return problems
+def list_tars(directory: str | os.PathLike) -> list[Path]:
+    """Sorted `*.tar` files of a shard-set directory (sorted order is the canonical order)."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise FileNotFoundError(f"shard set {d} is not a directory; pass the folder holding the *.tar files")
+    return sorted(p for p in d.iterdir() if p.suffix == ".tar" and p.is_file())
 
 
 def scan_shard(path: str | os.PathLike, kind: str, decode: bool = True,
                n_classes: int | None = None) -> ShardResult:
+    """Read one tar as training does and check every sample with training's rule."""
     path = Path(path)
     res = ShardResult(shard=path.name)
-    key, fields = None, {}
-
-    def finish() -> None:
+    stats: Counter = Counter()
+    skips: Counter = Counter()
+    key = None
+    for sample in iter_raw_samples(str(path), stats):
+        key = sample["__key__"]
         res.samples += 1
-        probs = check_sample(key, fields, kind, decode, n_classes)
-        for p, detail in probs:
-            res.problems.append({"shard": res.shard, "key": key, "problem": p, "detail": detail})
-        res.good += not probs
-
-    try:
-        with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tf:
-            for member in tf:
-                if not member.isfile():
-                    continue
-                k, ext = split_key(member.name)
-                if not ext or member.name.rpartition("/")[2].startswith("._"):
-                    continue  # macOS resource forks / extension-less members: the loader ignores them too
-                if key is not None and k != key:
-                    finish()  # before reading on: the previous sample is whole even if this one is cut
-                    fields = {}
-                key = k
-                data = tf.extractfile(member).read()
-                if len(data) != member.size:
-                    raise tarfile.ReadError(f"member {member.name} cut after {len(data)} of {member.size} bytes")
-                fields[ext] = data
-            end = tf.offset
-            size = raw.seek(0, os.SEEK_END)
-        if key is not None:
-            finish()
-        if size - end < 1024:  # a complete tar ends with two zero 512-byte blocks
-            res.truncated = True
-            res.problems.append({"shard": res.shard, "key": key, "problem": "truncated_tar",
-                                 "detail": f"no end-of-archive marker after byte {end} of {size}"})
-    except (tarfile.TarError, EOFError, OSError) as e:
-        # the sample being read when the tar ended is lost; samples before it were counted
+        verdict = check_sample(sample, kind, decode=decode, n_classes=n_classes, all_problems=True)
+        for reason, detail in verdict.problems:
+            res.problems.append({"shard": res.shard, "key": key, "problem": reason, "detail": detail})
+        if verdict.good:
+            res.good += 1
+        else:
+            skips[verdict.reason] += 1
+    if stats["truncated_shard"]:
+        skips["truncated_shard"] += stats["truncated_shard"]
         res.truncated = True
         res.problems.append({"shard": res.shard, "key": key, "problem": "truncated_tar",
-                             "detail": f"{type(e).__name__}: {e}"[:200]})
+                             "detail": f"tar is cut or corrupt after key {key}: the rest of the shard "
+                                       "is lost (the samples before it count, as in training)"})
+    elif not tar_is_complete(str(path)):  # also catches a 0-byte tar (a failed copy)
+        res.truncated = True
+        res.problems.append({"shard": res.shard, "key": key, "problem": "truncated_tar",
+                             "detail": f"no end-of-archive marker after key {key}: the tar was cut "
+                                       "between members; samples after the cut are missing"})
+    res.skipped = dict(skips)
     return res
 
 
@@ -156,18 +96,14 @@ def detect_kind(directory: Path) -> str:
             return _MANIFEST_KINDS[kind]
     except (OSError, ValueError):
         pass
-    # no manifest: peek at the first members of the first shard
+    # no manifest: peek at the first samples of the first shard
     for tar in list_tars(directory):
-        try:
-            with tarfile.open(tar, "r|*") as tf:
-                for i, m in enumerate(tf):
-                    if split_key(m.name)[1] in IMAGE_EXTS:
-                        return "image-text"
-                    if i > 20:
-                        break
-            return "text"
-        except (tarfile.TarError, OSError):
-            continue
+        for i, sample in enumerate(iter_raw_samples(str(tar))):
+            if any(e in sample for e in IMAGE_EXTS):
+                return "image-text"
+            if i >= 20:
+                break
+        return "text"
     return "image-text"
 
 
@@ -201,6 +137,8 @@ def validate_shards(directory: str | os.PathLike, kind: str = "auto", decode: bo
                    "good": sum(r.good for r in results), "problems": len(problems),
                    "truncated_shards": sum(r.truncated for r in results)},
         "problem_counts": dict(by_kind),
+        # what the training stream's `skipped` counter will say for one pass over the set
+        "skipped": dict(sum((Counter(r.skipped) for r in results), Counter())),
         "shards": {r.shard: {k: v for k, v in asdict(r).items() if k not in ("shard", "problems")}
                    for r in results},
         "problems": problems[:MAX_LISTED_PROBLEMS],

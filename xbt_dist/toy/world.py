@@ -250,25 +250,14 @@ def jpeg_bytes(img: Image.Image, quality: int = 92) -> bytes:
 # ---------------------------------------------------------------- shard sets
 
 def _write_shards(out_dir: Path, samples: Iterator[dict], per_shard: int) -> dict[str, int]:
-    """Write samples to shard-000000.tar, ... with a fixed mtime (reproducible tar bytes)."""
-    import webdataset as wds  # imported here: only shard writing needs it
+    """Write samples to shard-000000.tar, ... and sizes.json with the project's one shard writer
+    (fixed mtime and modes: the same seed gives byte-identical tars)."""
+    from xbt_dist.data.shards import ShardWriter
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    sizes: dict[str, int] = {}
-    writer, name = None, None
-    for i, sample in enumerate(samples):
-        if i % per_shard == 0:
-            if writer is not None:
-                writer.close()
-            name = f"shard-{i // per_shard:06d}.tar"
-            writer = wds.TarWriter(str(out_dir / name), mtime=0.0)
-            sizes[name] = 0
-        writer.write(sample)
-        sizes[name] += 1
-    if writer is not None:
-        writer.close()
-    atomic_write_text(out_dir / "sizes.json", json.dumps(sizes, indent=1) + "\n")
-    return sizes
+    with ShardWriter(out_dir, prefix="shard", samples_per_shard=per_shard) as writer:
+        for sample in samples:
+            writer.write(sample)
+    return dict(writer.sizes)
 
 
 def _pair_samples(seed: int, split: str, n: int, image_size: int, k_captions: int) -> Iterator[dict]:
