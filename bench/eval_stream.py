@@ -46,16 +46,17 @@ from bench.common import peak_rss_mb, row, setup_torch, write_result
 CAPTIONS = 5
 
 # Tiny random encoders: the bench measures the pipeline (decode, batching, storage, ranking),
-# not open_clip's forward. Context 32 as in the toy world (captions here are < 20 tokens).
+# not open_clip's forward, so the towers are one-layer ViTs (16 patches) and one-layer text
+# transformers over 16 tokens (the captions here are 12-14 tokens).
 TINY = {
-    "old": {"embed_dim": 64, "vision_cfg": {"image_size": 64, "layers": 2, "width": 64,
-                                            "patch_size": 16, "head_width": 32},
-            "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2,
-                         "layers": 2}},
-    "new": {"embed_dim": 96, "vision_cfg": {"image_size": 64, "layers": 2, "width": 96,
-                                            "patch_size": 16, "head_width": 32},
-            "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 96, "heads": 2,
-                         "layers": 2}},
+    "old": {"embed_dim": 64, "vision_cfg": {"image_size": 64, "layers": 1, "width": 32,
+                                            "patch_size": 16, "head_width": 16},
+            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2,
+                         "layers": 1}},
+    "new": {"embed_dim": 96, "vision_cfg": {"image_size": 64, "layers": 1, "width": 48,
+                                            "patch_size": 16, "head_width": 16},
+            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 48, "heads": 2,
+                         "layers": 1}},
 }
 
 
@@ -253,15 +254,24 @@ def _recalls(compat: dict) -> dict:
             for name, c in compat["cases"].items()}
 
 
-def measure_e2e(cfg_path: str, path: str, rank: bool, workers: int, batch: int) -> dict:
+def _cpu_s() -> float:
+    """CPU seconds of this process and its finished children (the DataLoader workers)."""
+    import resource
+    return sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF,
+               resource.RUSAGE_CHILDREN) for f in ("ru_utime", "ru_stime"))
+
+
+def measure_e2e(cfg_path: str, path: str, rank: bool, workers: int, batch: int,
+                dtype: str = "float16") -> dict:
     """One run of one path in this (fresh) process: embed every view, optionally rank."""
     from xbt_dist.config import load_config
     from xbt_dist.eval.compat import compatibility_report
     from xbt_dist.eval.evaluate import load_towers
     cfg = load_config(cfg_path, [f"eval.num_workers={workers}", f"eval.batch_size={batch}",
-                                 "eval.progress_every=100"])
+                                 "eval.progress_every=100", f"eval.embed_dtype={dtype}"])
     towers = load_towers(cfg)
     rss0 = peak_rss_mb()
+    cpu0 = _cpu_s()
     t0 = time.perf_counter()
     if path == "ram":
         views, c2i = views_in_ram(towers, cfg.eval.eval_shards, batch)
@@ -270,8 +280,9 @@ def measure_e2e(cfg_path: str, path: str, rank: bool, workers: int, batch: int) 
         streamed = towers.stream(cfg.eval.eval_shards, cfg.eval, "retrieval", "eval set")
         views, c2i, on_off = streamed.views, streamed.caption_to_image, towers.on_off.result()
     t_embed = time.perf_counter() - t0
-    out = {"path": path, "n_images": int(len(views["old"]["image"])), "n_captions": int(len(c2i)),
-           "embed_s": t_embed, "rss_after_models_mb": rss0,
+    out = {"path": path, "dtype": dtype if path == "stream" else "float32",
+           "n_images": int(len(views["old"]["image"])), "n_captions": int(len(c2i)),
+           "embed_s": t_embed, "embed_cpu_s": _cpu_s() - cpu0, "rss_after_models_mb": rss0,
            "view_bytes": sum(x.numel() * x.element_size() for v in views.values() for x in v.values())}
     if rank:
         t1 = time.perf_counter()
@@ -283,6 +294,10 @@ def measure_e2e(cfg_path: str, path: str, rank: bool, workers: int, batch: int) 
     import resource
     out["worker_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return out
+
+
+def _max_recall_diff(a: dict, b: dict) -> float:
+    return max(abs(a[c][d][k] - b[c][d][k]) for c in a for d in a[c] for k in a[c][d])
 
 
 def measure_rank(n_images: int, captions: int, queries: int, d_old: int, d_new: int,
@@ -331,7 +346,8 @@ def measure_rank(n_images: int, captions: int, queries: int, d_old: int, d_new: 
 
 def _sub(args: list[str], threads: int) -> dict:
     """Run one measurement in a fresh interpreter; its last stdout line is the JSON result."""
-    cmd = [sys.executable, "-m", "bench.eval_stream", "_one", "--threads", str(threads), *args]
+    cmd = [sys.executable, "-m", "bench.eval_stream", "_one", args[0], "--threads", str(threads),
+           *args[1:]]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -352,20 +368,26 @@ def bench_eval_stream(out: Path, work: Path, e2e_images: int, old_images: int, r
     from xbt_dist.config import dump_config
     cfg_small.write_text(dump_config(write_eval_world(work / "small", small, models)))
     # 1. both paths, same small set, ranked: equal recalls, time and memory side by side
-    ram = _sub(["e2e", "--cfg", str(cfg_small), "--path", "ram", "--rank",
-                "--workers", str(workers), "--batch", str(batch)], threads)
-    stream = _sub(["e2e", "--cfg", str(cfg_small), "--path", "stream", "--rank",
-                   "--workers", str(workers), "--batch", str(batch)], threads)
-    same = ram["recalls"] == stream["recalls"]
+    common = ["--workers", str(workers), "--batch", str(batch), "--rank"]
+    ram = _sub(["e2e", "--cfg", str(cfg_small), "--path", "ram", *common], threads)
+    stream = _sub(["e2e", "--cfg", str(cfg_small), "--path", "stream", *common], threads)
+    stream32 = _sub(["e2e", "--cfg", str(cfg_small), "--path", "stream", "--dtype", "float32",
+                     *common], threads)
     case = f"{old_images} images x {CAPTIONS} captions, {image_size}px"
-    for r in (ram, stream):
-        label = "in-RAM (before)" if r["path"] == "ram" else "streamed (after)"
+    for r, label in ((ram, "in-RAM (before)"), (stream, "streamed fp16 (after)"),
+                     (stream32, "streamed fp32 (after)")):
         rows += [row("eval_stream", case, f"embed wall, {label}", r["embed_s"], "s"),
+                 row("eval_stream", case, f"embed CPU (process + workers), {label}",
+                     r["embed_cpu_s"], "s"),
                  row("eval_stream", case, f"rank wall (6 cases, CPU), {label}", r["rank_s"], "s"),
                  row("eval_stream", case, f"peak RSS, {label}", r["peak_rss_mb"], "MB"),
                  row("eval_stream", case, f"kept embeddings, {label}", r["view_bytes"] / 2**20, "MB")]
-    rows.append(row("eval_stream", case, "recalls identical (all cases, R@1/5/10)", int(same), "bool"))
-    notes.append(f"e2e recalls identical between the in-RAM and streamed paths: {same}")
+    for r, label in ((stream32, "fp32"), (stream, "fp16")):
+        diff = _max_recall_diff(ram["recalls"], r["recalls"])
+        rows.append(row("eval_stream", case, f"max |recall diff| vs in-RAM, streamed {label}",
+                        diff, "abs"))
+        notes.append(f"streamed {label} vs in-RAM recalls (6 cases x 2 directions x R@1/5/10): "
+                     f"max abs difference {diff:g}")
     # 2. the streamed embedding pass at full size
     big = write_eval_shards(work / f"eval-{e2e_images}", e2e_images, image_size=image_size)
     cfg_big = work / "big.yaml"
@@ -375,7 +397,9 @@ def bench_eval_stream(out: Path, work: Path, e2e_images: int, old_images: int, r
     case_b = f"{e2e_images} images x {CAPTIONS} captions, {image_size}px"
     per_img_ram_mb = (ram["peak_rss_mb"] - ram["rss_after_models_mb"]) / old_images
     rows += [row("eval_stream", case_b, "embed wall, streamed", sb["embed_s"], "s"),
-             row("eval_stream", case_b, "images/s, streamed (5 towers + 4 text towers)",
+             row("eval_stream", case_b, "embed CPU (process + workers), streamed",
+                 sb["embed_cpu_s"], "s"),
+             row("eval_stream", case_b, "images/s, streamed (4 image + 4 text towers, 5 captions each)",
                  e2e_images / sb["embed_s"], "images/s"),
              row("eval_stream", case_b, "peak RSS, streamed (main process)", sb["peak_rss_mb"], "MB"),
              row("eval_stream", case_b, "peak RSS, one decode worker", sb["worker_peak_rss_mb"], "MB"),
@@ -394,7 +418,8 @@ def bench_eval_stream(out: Path, work: Path, e2e_images: int, old_images: int, r
                  f"against the full gallery; full time = per-query time x all queries")
     proj = _projection(sb, e2e_images, rk, rank_images)
     return {"name": "eval_stream", "rows": rows, "notes": notes, "projection": proj,
-            "runs": {"e2e_ram": ram, "e2e_stream": stream, "stream_big": sb, "rank": rk},
+            "runs": {"e2e_ram": ram, "e2e_stream": stream, "e2e_stream_fp32": stream32,
+                     "stream_big": sb, "rank": rk},
             "config": {"e2e_images": e2e_images, "old_images": old_images,
                        "rank_images": rank_images, "rank_queries": rank_queries,
                        "workers": workers, "batch": batch, "threads": threads,
@@ -442,11 +467,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cfg")
     p.add_argument("--path", choices=("ram", "stream"))
     p.add_argument("--rank", action="store_true")
+    p.add_argument("--dtype", default="float16", choices=("float16", "float32"))
     a = p.parse_args(argv)
     setup_torch(a.threads)
     if a.what == "_one":
         if a.kind == "e2e":
-            res = measure_e2e(a.cfg, a.path, a.rank, a.workers, a.batch)
+            res = measure_e2e(a.cfg, a.path, a.rank, a.workers, a.batch, a.dtype)
         else:
             res = measure_rank(a.images, CAPTIONS, a.queries, 512, 768)
         print(json.dumps(res, default=str))
