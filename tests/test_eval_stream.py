@@ -94,7 +94,7 @@ def test_canonical_order_independent_of_workers_and_batches(tmp_path, workers, b
     res = embed_stream(str(tmp_path / "eval"), _identity, {"px": _pixel}, {"num": _numbers},
                        batch_size=batch, num_workers=workers, progress_every=1,
                        log_fn=lines.append)
-    assert res.views["v"]["image"].dtype == torch.float16         # only fp16 embeddings kept
+    assert res.views["v"]["image"].dtype == torch.float32         # eval.embed_dtype default
     assert res.views["v"]["image"][:, 0].tolist() == expect["ids"]
     want_caps = [(i, k) for i, n in zip(expect["ids"], expect["caps"]) for k in range(n)]
     assert [tuple(r) for r in res.views["v"]["text"].int().tolist()] == want_caps
@@ -211,7 +211,7 @@ def test_run_eval_equals_in_ram_path(tiny, tmp_path):
     md = Path(res["paths"]["report_md"]).read_text()
     assert "On-off check" in md and "**pass**" in md
 
-    # float16 (the default): the kept rows are today's rounded to fp16, in canonical order,
+    # float16 (opt-in, half the memory): the kept rows are today's rounded to fp16, in order,
     # and ranking them gives exactly the recalls of today's views rounded the same way
     cfg.eval.embed_dtype = "float16"
     streamed = load_towers(cfg).stream(cfg.eval.eval_shards, cfg.eval, "retrieval", "eval set")

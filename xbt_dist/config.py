@@ -184,7 +184,7 @@ class EvalConfig:
     progress_every: int = 50          # a progress line every N embedded batches (0: none)
     chunk_size: int | None = None     # query rows per ranking chunk (null: a fixed score budget)
     rank_device: str = "auto"         # where similarity/ranking run: auto (GPU when there), cpu, cuda
-    embed_dtype: str = "float16"      # kept embeddings: float16 (half the memory) or float32 (exact)
+    embed_dtype: str = "float32"      # kept embeddings: float32 (today's numbers) or float16 (half)
 
     def __post_init__(self):
         _check(self.batch_size > 0, "eval.batch_size", self.batch_size, "a positive int")

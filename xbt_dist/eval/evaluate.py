@@ -7,7 +7,8 @@ table is read from the stage manifests, so it reports what the training actually
 
 The eval sets stream (stream.py): decode workers feed batches, each batch goes once through every
 tower that a view needs (old image/text, new image/text, the adapted new model with adapters on
-and off), phi heads run on the fp32 batch embeddings, and only float16 embeddings are kept. The
+and off), phi heads run on the fp32 batch embeddings, and only the embeddings are kept
+(`eval.embed_dtype`: float32 by default, float16 to halve the memory). The
 adapters-off embeddings are compared with `new` batch by batch (`OnOffCheck`) and never stored.
 Ranking then runs chunked on `eval.rank_device` (the GPU when there).
 """

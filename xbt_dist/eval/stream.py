@@ -1,4 +1,4 @@
-"""Streamed embedding of an eval shard set: decode workers in, float16 embeddings out.
+"""Streamed embedding of an eval shard set: decode workers in, embeddings (fp32/fp16) out.
 
 `xbt eval` used to decode every eval image into RAM before embedding (20-90 GB at 100k images,
 about 1 TB at 1M). Here a torch DataLoader streams the set instead:
@@ -8,11 +8,12 @@ about 1 TB at 1M). Here a torch DataLoader streams the set instead:
   that carry every sample's (shard, position) so the canonical order can be restored.
 - `embed_stream` pulls the batches, hands each to an `embed_batch` callback (the models: one
   forward per tower per batch, derived views such as phi computed on the fp32 batch) and keeps
-  only the float16 embeddings. Images and their captions travel together, so the gallery and the
-  queries are embedded in one pass over the shards, whatever number of views.
+  only the embeddings (`eval.embed_dtype`: float32, or float16 for half the memory). Images
+  and their captions travel together, so the gallery and the queries are embedded in one pass
+  over the shards, whatever number of views.
 - At the end rows are put back into canonical order (shard order, then position in the shard,
   bad samples skipped: the order of `iter_image_text`), so results do not depend on how many
-  workers decoded or how batches interleaved. Peak host memory is the fp16 embeddings plus one
+  workers decoded or how batches interleaved. Peak host memory is the embeddings plus one
   view's worth while they are reordered, plus `workers x prefetch` decoded batches.
 
 Bad samples are skipped and counted as in `data.shards` (`missing_caption`, `bad_image`,
@@ -37,10 +38,11 @@ from xbt_dist.data.shards import (decode_caption, decode_image, decode_meta, ite
 log = logging.getLogger(__name__)
 
 MODES = ("retrieval", "zeroshot")
-# What is kept per embedding row (`eval.embed_dtype`). float16 halves the memory of a 1M-image
-# eval; its rounding (about 5e-4 relative per component) can reorder items whose scores differ
-# by less than that, which happens with near-degenerate (untrained) encoders. float32 keeps the
-# exact numbers of the in-RAM path (measured in tests/test_eval_stream.py and docs/PERFORMANCE.md).
+# What is kept per embedding row (`eval.embed_dtype`). float32 (the default) gives exactly the
+# numbers of the in-RAM path. float16 halves the memory of a 1M-image eval (28 instead of 55 GB
+# at B/32 -> L/14), but its rounding (about 5e-4 relative per component) reorders items whose
+# scores differ by less than that: on the small toy run (near-untrained encoders) it moved some
+# recalls in the third decimal (docs/PERFORMANCE.md), so it is an opt-in, not the default.
 STORE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
@@ -161,7 +163,7 @@ def embed_stream(spec, embed_batch: Callable[[dict], Mapping[str, Mapping[str, t
                  transforms: Mapping[str, Callable], tokenizers: Mapping[str, Callable] | None = None,
                  *, mode: str = "retrieval", batch_size: int = 256, num_workers: int = 2,
                  progress_every: int = 50, pin_memory: bool = False, name: str = "eval set",
-                 store_dtype: str = "float16",
+                 store_dtype: str = "float32",
                  log_fn: Callable[[str], None] = _stderr) -> StreamedSet:
     """One streamed pass over the shard set `spec`; `embed_batch(batch)` -> {view: {mod: (n, d)}}.
 
@@ -183,7 +185,7 @@ def embed_stream(spec, embed_batch: Callable[[dict], Mapping[str, Mapping[str, t
     loader = DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                         prefetch_factor=2 if workers else None)
     t0 = time.perf_counter()
-    arrived: list[dict] = []     # per batch: shard, pos, n_caps/labels and {view: {mod: fp16}}
+    arrived: list[dict] = []     # per batch: shard, pos, n_caps/labels, {view: {mod: emb}}
     skipped, n_img, n_txt = Counter(), 0, 0
     for i, batch in enumerate(loader, 1):
         skipped.update(batch["skipped"])
@@ -219,7 +221,7 @@ def embed_stream(spec, embed_batch: Callable[[dict], Mapping[str, Mapping[str, t
 
 
 def _canonical(arrived: list[dict], mode: str) -> StreamedSet:
-    """Scatter the arrived fp16 chunks into canonical order, one view at a time.
+    """Scatter the arrived embedding chunks into canonical order, one view at a time.
 
     Each chunk is dropped once copied, so the peak is the chunks plus ONE reordered view-modality,
     not two full copies of every view.
