@@ -359,7 +359,7 @@ def _sub(args: list[str], threads: int) -> dict:
 
 def bench_eval_stream(out: Path, work: Path, e2e_images: int, old_images: int, rank_images: int,
                       rank_queries: int, workers: int, batch: int, threads: int,
-                      image_size: int) -> dict:
+                      image_size: int, rank_dims=(512, 768)) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     models = write_tiny_models(work / "models")
     rows, notes = [], []
@@ -408,8 +408,9 @@ def bench_eval_stream(out: Path, work: Path, e2e_images: int, old_images: int, r
     notes.append(f"in-RAM at {e2e_images} is extrapolated linearly from {old_images} images "
                  f"({per_img_ram_mb * 1024:.0f} KB per image above the loaded models), not run")
     # 3. ranking only, full-size fp16 views, B/32 -> L/14 widths
-    rk = _sub(["rank", "--images", str(rank_images), "--queries", str(rank_queries)], threads)
-    case_r = f"{rank_images} images x {CAPTIONS} captions, d 512/768, fp16 views"
+    rk = _sub(["rank", "--images", str(rank_images), "--queries", str(rank_queries),
+               "--rank-dims", *map(str, rank_dims)], threads)
+    case_r = f"{rank_images} images x {CAPTIONS} captions, d {rank_dims[0]}/{rank_dims[1]}, fp16 views"
     rows += [row("eval_stream", case_r, "rank wall, 6 cases, CPU (extrapolated from sample)",
                  rk["full_rank_s_extrapolated"], "s"),
              row("eval_stream", case_r, "peak RSS while ranking", rk["peak_rss_mb"], "MB"),
@@ -422,29 +423,36 @@ def bench_eval_stream(out: Path, work: Path, e2e_images: int, old_images: int, r
                      "stream_big": sb, "rank": rk},
             "config": {"e2e_images": e2e_images, "old_images": old_images,
                        "rank_images": rank_images, "rank_queries": rank_queries,
+                       "rank_dims": list(rank_dims),
                        "workers": workers, "batch": batch, "threads": threads,
                        "image_size": image_size, "captions": CAPTIONS, "tiny_models": TINY}}
 
 
-def _projection(sb: dict, n_e2e: int, rk: dict, n_rank: int, n: int = 1_000_000) -> dict:
-    """1M-image x 5-caption eval from the measured rates (same machine, same models)."""
-    d_old, d_new = rk["d_old"], rk["d_new"]
-    rows_bytes = (1 + CAPTIONS) * (3 * d_old + d_new) * 2          # 4 fp16 views, image + texts
-    kept = n * rows_bytes
-    largest_view = n * CAPTIONS * d_new * 2                       # reorder transient
-    # i2t gallery: 5M captions fp32 on the ranking device; one score chunk of the GPU budget
+def _projection(sb: dict, n_e2e: int, rk: dict, n_rank: int, n: int = 1_000_000,
+                d_old: int = 512, d_new: int = 768) -> dict:
+    """A 1M-image x 5-caption eval at B/32 -> L/14 widths, from the measured rates and sizes.
+
+    Memory is arithmetic on bytes per row (4 kept views: old, new, phi, xbt; image + captions).
+    CPU times scale what was measured here (embedding: linear in images, with the tiny models;
+    ranking: queries x gallery, at the measured dims). GPU ranking is given as fp32 FLOPs and
+    device memory, not as a time: no GPU was measured.
+    """
     from xbt_dist.eval.metrics import GPU_SCORE_BUDGET
-    gpu_gallery = n * CAPTIONS * d_new * 4
+    rows = n * (1 + CAPTIONS)
+    per_row = 3 * d_old + d_new                                   # dims over the 4 kept views
     flops = sum(2 * 2 * n * n * CAPTIONS * (d_new if c == "new/new" else d_old)
-                for c in rk["per_case"])
-    return {"n_images": n, "captions": CAPTIONS,
-            "embed_s_cpu_tiny_models": sb["embed_s"] * n / n_e2e,
-            "rank_s_cpu": rk["full_rank_s_extrapolated"] * (n / n_rank) ** 2,
-            "kept_embeddings_gb": kept / 1e9, "host_peak_gb_embeddings_plus_reorder":
-                (kept + largest_view) / 1e9,
-            "rank_device_memory_gb": (gpu_gallery + GPU_SCORE_BUDGET * 9) / 1e9,
+                for c in rk["per_case"])                           # 2 directions x 2 FLOP/MAC
+    return {"n_images": n, "captions": CAPTIONS, "dims": [d_old, d_new],
+            "embed_cpu_s_tiny_models": sb["embed_cpu_s"] * n / n_e2e,
+            "rank_cpu_wall_s_at_measured_dims": rk["full_rank_s_extrapolated"] * (n / n_rank) ** 2,
+            "kept_embeddings_gb_fp32": rows * per_row * 4 / 1e9,
+            "kept_embeddings_gb_fp16": rows * per_row * 2 / 1e9,
+            "reorder_transient_gb_fp32": n * CAPTIONS * d_new * 4 / 1e9,
+            # the largest gallery (5M captions, new/new) as normalised fp32 on the device, plus
+            # one score chunk (scores, masked copy, bool mask)
+            "rank_device_memory_gb": (n * CAPTIONS * d_new * 4 + GPU_SCORE_BUDGET * 9) / 1e9,
             "rank_fp32_flops": flops,
-            "in_ram_decoded_images_tb_at_224px": n * 224 * 224 * 3 / 1e12}
+            "in_ram_path_decoded_images_gb_at_224px": n * 224 * 224 * 3 / 1e9}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -458,6 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--old-images", type=int, default=10_000)
     p.add_argument("--rank-images", type=int, default=100_000)
     p.add_argument("--rank-queries", type=int, default=2000)
+    p.add_argument("--rank-dims", type=int, nargs=2, default=[512, 768], metavar=("D_OLD", "D_NEW"),
+                   help="embedding dims of the ranking part (default B/32 -> L/14)")
     p.add_argument("--images", type=int)
     p.add_argument("--queries", type=int)
     p.add_argument("--image-size", type=int, default=160)
@@ -474,11 +484,12 @@ def main(argv: list[str] | None = None) -> int:
         if a.kind == "e2e":
             res = measure_e2e(a.cfg, a.path, a.rank, a.workers, a.batch, a.dtype)
         else:
-            res = measure_rank(a.images, CAPTIONS, a.queries, 512, 768)
+            res = measure_rank(a.images, CAPTIONS, a.queries, *a.rank_dims)
         print(json.dumps(res, default=str))
         return 0
     res = bench_eval_stream(Path(a.out), Path(a.work), a.e2e_images, a.old_images, a.rank_images,
-                            a.rank_queries, a.workers, a.batch, a.threads, a.image_size)
+                            a.rank_queries, a.workers, a.batch, a.threads, a.image_size,
+                            tuple(a.rank_dims))
     res["command"] = "python -m bench.eval_stream " + " ".join(sys.argv[1:] if argv is None else argv)
     write_result(Path(a.out), res)
     print(json.dumps({"rows": res["rows"], "projection": res["projection"]}, indent=1, default=str))
