@@ -42,9 +42,11 @@ def _log(msg: str) -> None:
 
 
 def rank_device(setting: str, model_device) -> str:
-    """Where similarity and ranking run: `auto` = the GPU when there, else the model device."""
+    """Where similarity and ranking run: `auto` = the models' GPU, else any GPU, else the CPU."""
     if setting == "auto":
-        return "cuda" if torch.cuda.is_available() else str(model_device)
+        if torch.device(model_device).type == "cuda":
+            return str(model_device)
+        return "cuda" if torch.cuda.is_available() else "cpu"
     if setting.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"eval.rank_device={setting!r} but no CUDA GPU is visible; "
                          "use 'auto' or 'cpu'")
