@@ -180,6 +180,22 @@ class EvalConfig:
     criterion_ks: tuple[int, ...] = (1, 5)  # Recall@K that must satisfy XBT/old >= old/old
     batch_size: int = 256
     tsne_points: int = 300
+    num_workers: int = 2              # DataLoader decode workers streaming the eval sets (0: inline)
+    progress_every: int = 50          # a progress line every N embedded batches (0: none)
+    chunk_size: int | None = None     # query rows per ranking chunk (null: a fixed score budget)
+    rank_device: str = "auto"         # where similarity/ranking run: auto (GPU when there), cpu, cuda
+    embed_dtype: str = "float32"      # kept embeddings: float32 (today's numbers) or float16 (half)
+
+    def __post_init__(self):
+        _check(self.batch_size > 0, "eval.batch_size", self.batch_size, "a positive int")
+        _check(self.num_workers >= 0, "eval.num_workers", self.num_workers, "an int >= 0")
+        _check(self.progress_every >= 0, "eval.progress_every", self.progress_every, "an int >= 0")
+        _check(self.chunk_size is None or self.chunk_size > 0, "eval.chunk_size", self.chunk_size,
+               "a positive int, or null for the default budget")
+        _check(self.rank_device in ("auto", "cpu") or self.rank_device.startswith("cuda"),
+               "eval.rank_device", self.rank_device, "'auto', 'cpu' or 'cuda[:N]'")
+        _check(self.embed_dtype in ("float16", "float32"), "eval.embed_dtype", self.embed_dtype,
+               "'float16' or 'float32'")
 
 
 INDEX_TYPES = ("flat", "ivfpq", "hnsw")

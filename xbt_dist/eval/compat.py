@@ -25,11 +25,12 @@ judges the stage-1 phi instead (phi/old), for the phi-only row of an ablation.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from xbt_dist.eval.metrics import (DEFAULT_KS, as_float_tensor, retrieval_recalls,
+from xbt_dist.eval.metrics import (DEFAULT_KS, as_embeddings, retrieval_recalls,
                                    zero_shot_accuracy)
 
 VIEW_NAMES = ("old", "new", "phi", "xbt", "new_adapters_off")
@@ -69,8 +70,8 @@ def _view(views: Mapping, name: str) -> dict[str, torch.Tensor]:
     if missing:
         raise ValueError(f"view {name!r} lacks {sorted(missing)}: each view needs 'image' (N, d) "
                          "and 'text' (M, d) embeddings of the same eval set")
-    img = as_float_tensor(v["image"], f"{name}['image']")
-    txt = as_float_tensor(v["text"], f"{name}['text']")
+    img = as_embeddings(v["image"], f"{name}['image']")
+    txt = as_embeddings(v["text"], f"{name}['text']")
     if img.shape[1] != txt.shape[1]:
         raise ValueError(f"view {name!r}: image dim {img.shape[1]} != text dim {txt.shape[1]}")
     return {"image": img, "text": txt}
@@ -109,6 +110,30 @@ def on_off_check(new, new_adapters_off) -> dict:
     return {"equal": equal, "max_abs_diff": max(diffs)}
 
 
+class OnOffCheck:
+    """`on_off_check` over a stream of batches, so the adapters-off view is never stored.
+
+    `update(new, off)` takes one batch of each modality's embeddings (the same rows of the same
+    batch); `result()` equals `on_off_check` of the concatenated batches.
+    """
+
+    def __init__(self):
+        self.equal, self.max_abs_diff, self.note = True, 0.0, None
+
+    def update(self, new: Mapping, off: Mapping) -> None:
+        if self.note is not None:
+            return
+        r = on_off_check(new, off)
+        self.equal &= r["equal"]
+        self.max_abs_diff = max(self.max_abs_diff, r["max_abs_diff"])
+        if "note" in r:
+            self.note = r["note"]
+
+    def result(self) -> dict:
+        out = {"equal": self.equal, "max_abs_diff": self.max_abs_diff}
+        return {**out, "note": self.note} if self.note else out
+
+
 def verdict(cases: Mapping, verdict_ks: Sequence[int] = (1, 5), margin: float = 0.0,
             candidate: str = "xbt") -> dict:
     """Eqn-1 verdict from computed cases: per direction, R@K(cand/old) >= R@K(old/old) + margin.
@@ -138,8 +163,12 @@ def verdict(cases: Mapping, verdict_ks: Sequence[int] = (1, 5), margin: float = 
 def compatibility_report(views: Mapping, caption_to_image, ks: Sequence[int] = DEFAULT_KS,
                          verdict_ks: Sequence[int] = (1, 5), margin: float = 0.0,
                          chunk_size: int | None = None, candidate: str = "xbt",
-                         device: str | torch.device = "cpu") -> dict:
+                         device: str | torch.device = "cpu", on_off: dict | None = None,
+                         log: Callable[[str], None] | None = None) -> dict:
     """All compatibility cases, the verdict and the on-off check, as a JSON-able dict.
+
+    `on_off`: a result computed elsewhere (a streamed `OnOffCheck`), used when `views` has no
+    `new_adapters_off`. `log` gets one line per case (and progress lines of long rankings).
 
     Returns {"eval_set": {...}, "dims": {view: d}, "cases": {"Q/G": {"query", "gallery", "label",
     "t2i": {R@K..}, "i2t": {R@K..}, "note"?}}, "skipped": [...], "verdict": {...},
@@ -164,13 +193,16 @@ def compatibility_report(views: Mapping, caption_to_image, ks: Sequence[int] = D
             note = (f"{q} embeddings are {q_img.shape[1]}-d, the {g} gallery {d_g}-d: "
                     f"{how} to {d_g} dims (naive drop-in swap)")
             q_img, q_txt = align_dim(q_img, d_g), align_dim(q_txt, d_g)
+        t0 = time.perf_counter()
         res = retrieval_recalls(q_img, q_txt, caption_to_image, ks, chunk_size,
                                 image_gallery=v[g]["image"], text_gallery=v[g]["text"],
-                                device=device)
+                                device=device, log=log)
+        if log is not None:
+            log(f"ranked {name}: t2i R@1 {res['t2i']['R@1']:.3f}, i2t R@1 {res['i2t']['R@1']:.3f} "
+                f"({time.perf_counter() - t0:.1f} s on {device})")
         cases[name] = {"query": q, "gallery": g, "label": CASE_LABELS[name], **res}
         if note:
             cases[name]["note"] = note
-    on_off = None
     if "new_adapters_off" in v:
         if "new" not in v:
             on_off = {"equal": False, "max_abs_diff": float("nan"),
@@ -204,7 +236,7 @@ def zero_shot_report(views: Mapping, labels, ks: Sequence[int] = (1, 5),
     for img_view, cls_view in cases:
         if img_view not in views or cls_view not in views:
             continue
-        img = as_float_tensor(views[img_view]["image"], f"{img_view}['image']")
+        img = as_embeddings(views[img_view]["image"], f"{img_view}['image']")
         cls = torch.as_tensor(views[cls_view]["classes"]).float()
         note = None
         if img.shape[1] != cls.shape[-1]:

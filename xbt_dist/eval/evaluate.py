@@ -4,6 +4,13 @@ Views (see compat.py): `old` (old model), `new` (untouched new), `phi` (stage-1 
 untouched new model), `xbt` (trained phi on the adapted new model) and `new_adapters_off` (the
 adapted model with its adapters switched off, which must equal `new` bit for bit). The compute
 table is read from the stage manifests, so it reports what the training actually measured.
+
+The eval sets stream (stream.py): decode workers feed batches, each batch goes once through every
+tower that a view needs (old image/text, new image/text, the adapted new model with adapters on
+and off), phi heads run on the fp32 batch embeddings, and only the embeddings are kept
+(`eval.embed_dtype`: float32 by default, float16 to halve the memory). The
+adapters-off embeddings are compared with `new` batch by batch (`OnOffCheck`) and never stored.
+Ranking then runs chunked on `eval.rank_device` (the GPU when there).
 """
 
 from __future__ import annotations
@@ -21,71 +28,131 @@ import torch.nn.functional as F
 
 from xbt_dist.artifacts import read_manifest
 from xbt_dist.config import RunConfig
-from xbt_dist.data.shards import (decode_image, decode_meta, iter_image_text, iter_raw_samples,
-                                  list_shards)
-from xbt_dist.eval.compat import compatibility_report, zero_shot_report
+from xbt_dist.eval.compat import OnOffCheck, compatibility_report, zero_shot_report
 from xbt_dist.eval.report import write_report
+from xbt_dist.eval.stream import StreamedSet, dedup_by_repr, embed_stream
 from xbt_dist.models.clip import ClipBundle, load_clip
 from xbt_dist.train.model import resolve_method
 from xbt_dist.train.stage1 import PHI_FILE, load_phi
 from xbt_dist.train.stage2 import ADAPTERS_FILE, load_xbt
 
 
-def load_eval_set(spec: str) -> tuple[list, list[str], torch.Tensor, list[str]]:
-    """(images, captions, caption_to_image, keys) of a multi-caption eval shard set."""
-    images, captions, c2i, keys = [], [], [], []
-    for key, image, caption, meta in iter_image_text(spec):
-        caps = meta.get("captions") or [caption]
-        images.append(image)
-        keys.append(key)
-        captions.extend(caps)
-        c2i.extend([len(images) - 1] * len(caps))
-    if not images:
-        raise ValueError(f"eval set {spec} holds no readable image-text sample")
-    return images, captions, torch.tensor(c2i), keys
+def _log(msg: str) -> None:
+    print(f"[eval] {msg}", file=sys.stderr, flush=True)
 
 
-def load_zeroshot_set(spec: str) -> tuple[list, torch.Tensor, list[str], list[str]]:
-    """(images, labels, class names, templates) of a zero-shot shard set with classes.json."""
-    d = Path(spec)
-    meta_path = d / "classes.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path} not found: a zero-shot set needs classes.json "
-                                "with 'classes' and 'templates' (see `xbt prep zeroshot`)")
-    meta = json.loads(meta_path.read_text())
-    images, labels = [], []
-    for shard in list_shards(spec):
-        for sample in iter_raw_samples(shard):
-            image = decode_image(sample)
-            label = sample.get("cls") or str(decode_meta(sample).get("cls", "")).encode()
-            if image is None or not label.strip():
-                continue  # unreadable or unlabelled: not scorable (validate reports these)
-            images.append(image)
-            labels.append(int(label))
-    return images, torch.tensor(labels), meta["classes"], meta.get("templates") or ["a photo of a {}."]
+def rank_device(setting: str, model_device) -> str:
+    """Where similarity and ranking run: `auto` = the models' GPU, else any GPU, else the CPU."""
+    if setting == "auto":
+        if torch.device(model_device).type == "cuda":
+            return str(model_device)
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"eval.rank_device={setting!r} but no CUDA GPU is visible; "
+                         "use 'auto' or 'cpu'")
+    return setting
 
 
-class _Embedder:
-    """Batched image/text encoding with one model's preprocessing and tokenizer."""
+@dataclasses.dataclass
+class Towers:
+    """The loaded encoders of one evaluation; `embed(batch)` gives every view of a batch.
 
-    def __init__(self, bundle: ClipBundle, batch_size: int, device):
-        self.b, self.bs, self.device = bundle, batch_size, device
+    `phi` is the stage-1 head on the untouched new model, `xbt` the trained model (adapted new
+    encoder + its phi); either may be None. `on_off` accumulates the adapters-off check.
+    """
+    old: ClipBundle
+    new: ClipBundle
+    device: str | torch.device = "cpu"
+    phi: torch.nn.Module | None = None
+    xbt: torch.nn.Module | None = None
+    on_off: OnOffCheck | None = None
+    text_batch: int = 256   # captions per text forward (a batch of B images carries ~5B captions)
 
-    @torch.no_grad()
-    def images(self, images, encode) -> torch.Tensor:
-        out = []
-        for i in range(0, len(images), self.bs):
-            x = torch.stack([self.b.preprocess(im) for im in images[i:i + self.bs]]).to(self.device)
-            out.append(F.normalize(encode(x).float(), dim=-1).cpu())
-        return torch.cat(out)
+    def transforms(self):
+        return dedup_by_repr({"old": self.old.preprocess, "new": self.new.preprocess})
+
+    def tokenizers(self):
+        return dedup_by_repr({"old": self.old.tokenizer, "new": self.new.tokenizer})
+
+    @staticmethod
+    def _norm(x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x.float(), dim=-1)
 
     @torch.no_grad()
-    def texts(self, texts, encode) -> torch.Tensor:
-        out = []
-        for i in range(0, len(texts), self.bs):
-            t = self.b.tokenizer(texts[i:i + self.bs]).to(self.device)
-            out.append(F.normalize(encode(t).float(), dim=-1).cpu())
-        return torch.cat(out)
+    def encode(self, x_old, x_new, encode: str) -> dict[str, torch.Tensor]:
+        """{view: normalised fp32 (n, d)} of one modality (`encode` = encode_image/encode_text)."""
+        out = {"old": self._norm(getattr(self.old.model, encode)(x_old)),
+               "new": self._norm(getattr(self.new.model, encode)(x_new))}
+        if self.phi is not None:
+            out["phi"] = self._norm(self.phi(out["new"]))
+        if self.xbt is not None:
+            # Unnormalised encoder, normalised once here exactly as for the untouched model.
+            adapted = functools.partial(getattr(self.xbt.new, encode), normalize=False)
+            out["xbt"] = self._norm(self.xbt.phi(self._norm(adapted(x_new))))
+            if self.on_off is not None:
+                with self.xbt.new.adapters_disabled():
+                    out["new_adapters_off"] = self._norm(adapted(x_new))
+        return out
+
+    def embed(self, batch: dict, alias_img: dict, alias_txt: dict | None) -> dict:
+        """{view: {"image", "text"?}} for one streamed batch (text only in retrieval batches)."""
+        dev = self.device
+        img = {k: v.to(dev, non_blocking=True) for k, v in batch["images"].items()}
+        per_mod = {"image": self.encode(img[alias_img["old"]], img[alias_img["new"]],
+                                        "encode_image")}
+        if alias_txt is not None:
+            txt = {k: v.to(dev, non_blocking=True) for k, v in batch["texts"].items()}
+            t_old, t_new = txt[alias_txt["old"]], txt[alias_txt["new"]]
+            # In slices of text_batch rows: activation memory as for an image batch, not 5x.
+            parts = [self.encode(t_old[i:i + self.text_batch], t_new[i:i + self.text_batch],
+                                 "encode_text") for i in range(0, len(t_old), self.text_batch)]
+            per_mod["text"] = {v: torch.cat([p[v] for p in parts]) for v in parts[0]}
+        views: dict[str, dict] = {}
+        for mod, by_view in per_mod.items():
+            for view, x in by_view.items():
+                views.setdefault(view, {})[mod] = x
+        off = views.pop("new_adapters_off", None)
+        if off is not None:
+            self.on_off.update(views["new"], off)
+        return views
+
+    @torch.no_grad()
+    def class_texts(self, prompts: list[str], batch_size: int) -> dict[str, torch.Tensor]:
+        """{view: (C*T, d)} prompt embeddings, in batches (a few thousand prompts at most)."""
+        chunks = []
+        for i in range(0, len(prompts), batch_size):
+            part = prompts[i:i + batch_size]
+            chunks.append(self.encode(self.old.tokenizer(part).to(self.device),
+                                      self.new.tokenizer(part).to(self.device), "encode_text"))
+        return {v: torch.cat([c[v] for c in chunks]).cpu() for v in chunks[0]
+                if v != "new_adapters_off"}
+
+    def stream(self, spec: str, ec, mode: str, name: str) -> StreamedSet:
+        t_unique, t_alias = self.transforms()
+        k_unique, k_alias = self.tokenizers() if mode == "retrieval" else ({}, None)
+        self.text_batch = ec.batch_size
+        return embed_stream(
+            spec, lambda b: self.embed(b, t_alias, k_alias), t_unique, k_unique, mode=mode,
+            batch_size=ec.batch_size, num_workers=ec.num_workers,
+            progress_every=ec.progress_every, name=name, log_fn=_log,
+            store_dtype=ec.embed_dtype,
+            pin_memory=torch.device(self.device).type == "cuda")
+
+
+def load_towers(cfg: RunConfig, device: str | torch.device = "cpu") -> Towers:
+    """old, new, and (when their files exist) the stage-1 phi and the trained XBT model."""
+    old, new = load_clip(cfg.old, device), load_clip(cfg.new, device)
+    towers = Towers(old, new, device)
+    phi_path = Path(cfg.stage_dir("phi")) / PHI_FILE
+    if phi_path.is_file():
+        towers.phi = load_phi(phi_path).eval().to(device)
+    if (Path(cfg.stage_dir("train")) / ADAPTERS_FILE).is_file():
+        # Adapters are injected in place: give them their own copy so `new` stays untouched.
+        xbt_base = dataclasses.replace(new, model=copy.deepcopy(new.model))
+        towers.xbt = load_xbt(cfg, xbt_base, old.embed_dim).to(device)
+        if not cfg.adapters.full_tune:  # full-tune has no adapters to switch off
+            towers.on_off = OnOffCheck()
+    return towers
 
 
 def _compute_rows(cfg: RunConfig) -> list[dict]:
@@ -108,69 +175,50 @@ def run_eval(cfg: RunConfig, device: str = "cpu", out_dir: str | None = None) ->
         raise ValueError("eval.eval_shards is not set: point it at a multi-caption eval shard set")
     t0 = time.perf_counter()
     cfg = resolve_method(cfg)
-    old, new = load_clip(cfg.old, device), load_clip(cfg.new, device)
-    images, captions, c2i, _ = load_eval_set(ec.eval_shards)
-    E_old, E_new = _Embedder(old, ec.batch_size, device), _Embedder(new, ec.batch_size, device)
-    m_old, m_new = old.model, new.model
-    views = {"old": {"image": E_old.images(images, m_old.encode_image),
-                     "text": E_old.texts(captions, m_old.encode_text)},
-             "new": {"image": E_new.images(images, m_new.encode_image),
-                     "text": E_new.texts(captions, m_new.encode_text)}}
-    heads = {}
-    phi_path = Path(cfg.stage_dir("phi")) / PHI_FILE
-    if phi_path.is_file():
-        phi0 = load_phi(phi_path).eval()
-        heads["phi"] = phi0
-        views["phi"] = {k: F.normalize(phi0(v), dim=-1).detach() for k, v in views["new"].items()}
-    xbt = None
-    if (Path(cfg.stage_dir("train")) / ADAPTERS_FILE).is_file():
-        # Adapters are injected in place: give them their own copy so `new` stays untouched.
-        xbt_base = dataclasses.replace(new, model=copy.deepcopy(new.model))
-        xbt = load_xbt(cfg, xbt_base, old.embed_dim).to(device)
-        # Unnormalised encoders: _Embedder normalises once, exactly as for the untouched model.
-        ad_img = functools.partial(xbt.new.encode_image, normalize=False)
-        ad_txt = functools.partial(xbt.new.encode_text, normalize=False)
-        with torch.no_grad():
-            views["xbt"] = {"image": F.normalize(xbt.phi(E_new.images(images, ad_img).to(device)), dim=-1).cpu(),
-                            "text": F.normalize(xbt.phi(E_new.texts(captions, ad_txt).to(device)), dim=-1).cpu()}
-            if not cfg.adapters.full_tune:  # full-tune has no adapters to switch off
-                with xbt.new.adapters_disabled():
-                        views["new_adapters_off"] = {"image": E_new.images(images, ad_img),
-                                                 "text": E_new.texts(captions, ad_txt)}
-    compat = compatibility_report(views, c2i, ks=ec.ks, verdict_ks=ec.criterion_ks)
+    towers = load_towers(cfg, device)
+    on_dev = rank_device(ec.rank_device, device)
+    gallery = towers.stream(ec.eval_shards, ec, "retrieval", "eval set")
+    c2i = gallery.caption_to_image
+    compat = compatibility_report(gallery.views, c2i, ks=ec.ks, verdict_ks=ec.criterion_ks,
+                                  chunk_size=ec.chunk_size, device=on_dev,
+                                  on_off=towers.on_off.result() if towers.on_off else None,
+                                  log=_log)
+    if towers.on_off is not None:   # streamed, never stored: list its dim as the report did
+        compat["dims"]["new_adapters_off"] = compat["dims"]["new"]
+    if gallery.skipped:
+        compat["eval_set"]["skipped"] = gallery.skipped
     zero_shot = None
     if ec.zeroshot_shards:
-        zero_shot = _zero_shot(ec.zeroshot_shards, old, new, E_old, E_new, heads, xbt, device)
+        zero_shot = _zero_shot(ec.zeroshot_shards, towers, ec, on_dev)
     out = Path(out_dir or cfg.stage_dir("eval"))
     meta = {"name": cfg.name, "method": cfg.train.method, "target_source": cfg.train.target_source,
             "seed": cfg.train.seed, "old": cfg.old.arch, "new": cfg.new.arch,
             "eval_s": round(time.perf_counter() - t0, 1)}
-    paths = write_report(out, compat, zero_shot, _compute_rows(cfg),
-                         views={k: v for k, v in views.items() if k != "new_adapters_off"},
+    paths = write_report(out, compat, zero_shot, _compute_rows(cfg), views=gallery.views,
                          caption_to_image=c2i, title=f"XBT evaluation: {cfg.name}", meta=meta,
                          tsne_pairs=ec.tsne_points, seed=cfg.train.seed)
-    print(f"[eval] report: {paths['report_md']}", file=sys.stderr)
+    _log(f"report: {paths['report_md']}")
     return {"compat": compat, "zero_shot": zero_shot, "paths": {k: str(v) for k, v in paths.items() if v}}
 
 
-@torch.no_grad()
-def _zero_shot(spec, old, new, E_old, E_new, heads, xbt, device) -> dict:
-    partial = functools.partial
-    images, labels, classes, templates = load_zeroshot_set(spec)
+def _zero_shot(spec: str, towers: Towers, ec, on_dev) -> dict:
+    meta_path = Path(spec) / "classes.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} not found: a zero-shot set needs classes.json "
+                                "with 'classes' and 'templates' (see `xbt prep zeroshot`)")
+    meta = json.loads(meta_path.read_text())
+    classes, templates = meta["classes"], meta.get("templates") or ["a photo of a {}."]
     prompts = [t.format(c) for c in classes for t in templates]
-
-    def per_class(x):  # (C*T, d) -> (C, T, d): the metric ensembles the templates
-        return x.view(len(classes), len(templates), -1)
-
-    zviews = {"old": {"image": E_old.images(images, old.model.encode_image),
-                      "classes": per_class(E_old.texts(prompts, old.model.encode_text))}}
-    new_img = E_new.images(images, new.model.encode_image)
-    zviews["new"] = {"image": new_img, "classes": per_class(E_new.texts(prompts, new.model.encode_text))}
-    if "phi" in heads:
-        zviews["phi"] = {"image": F.normalize(heads["phi"](new_img), dim=-1),
-                         "classes": zviews["old"]["classes"]}
-    if xbt is not None:
-        img = F.normalize(xbt.phi(E_new.images(images, partial(xbt.new.encode_image, normalize=False)).to(device)), dim=-1).cpu()
-        txt = F.normalize(xbt.phi(E_new.texts(prompts, partial(xbt.new.encode_text, normalize=False)).to(device)), dim=-1).cpu()
-        zviews["xbt"] = {"image": img, "classes": per_class(txt)}
-    return zero_shot_report(zviews, labels)
+    # Class prompts first: the streamed pass below then only needs the image towers.
+    on_off, towers.on_off = towers.on_off, None           # the check is on the retrieval set
+    try:
+        texts = {v: x.view(len(classes), len(templates), -1)   # the metric ensembles templates
+                 for v, x in towers.class_texts(prompts, ec.batch_size).items()}
+        images = towers.stream(spec, ec, "zeroshot", "zero-shot set")
+    finally:
+        towers.on_off = on_off
+    # phi/old classifies phi(new images) with the OLD class texts (the old system's classifier).
+    class_view = {"old": "old", "new": "new", "phi": "old", "xbt": "xbt"}
+    zviews = {v: {"image": images.views[v]["image"], "classes": texts[class_view[v]]}
+              for v in images.views}
+    return zero_shot_report(zviews, images.labels, chunk_size=ec.chunk_size, device=on_dev)

@@ -222,7 +222,8 @@ def plot_tsne(views: Mapping, caption_to_image, path: str | os.PathLike, n_pairs
         blocks, labels = [], []
         for name in names:
             for mod, idx in (("image", pick), ("text", cap)):
-                x = np.asarray(views[name][mod], dtype=np.float32)[idx]
+                # Pick rows first: converting a whole (fp16) view would copy 1M rows to plot 300.
+                x = np.asarray(views[name][mod][idx], dtype=np.float32)
                 blocks.append(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12))
                 labels.append((name, mod))
         data = np.concatenate(blocks)
