@@ -43,7 +43,10 @@ def test_many_small_tasks_with_a_retried_fault(ray_local, tmp_path, monkeypatch)
                        dist_cfg=dist, shards_per_task=2, progress=None)
     assert (tmp_path / "ray" / ".fault_text-003").exists(), "the fault never fired"
     assert res["complete"] and not res["failed"] and res["pending_before"] == 7
-    assert len(res["tasks"]) == 4 and res["samples"] == 35  # 4 tasks > 2 slots: a queue
+    assert len(res["tasks"]) == 4  # 4 tasks > 2 slots: a queue
+    # the retried task (text-002, text-003) skipped the shard its failed attempt had written
+    retried = [r for r in res["tasks"] if any(s.endswith("text-003.tar") for s in r["shards"])]
+    assert retried[0]["already_done"] == 1 and retried[0]["written"] == 1 and res["written"] == 6
     assert sorted(s for r in res["tasks"] for s in r["shards"]) == sorted(
         str(p) for p in (tmp_path / "t").glob("*.tar"))
     embed_shards(tmp_path / "t", tmp_path / "local", ENC, FIELDS, batch_size=4, progress=None)
