@@ -194,3 +194,41 @@ def test_missing_field_and_bad_args(tmp_path):
         TextEmbeddingStream(src, batch_size=4, fields={"w_new": "text_big"})
     with pytest.raises(ValueError, match="block_rows=0"):
         TextEmbeddingStream(src, batch_size=4, block_rows=0)
+
+
+def test_run_stage1_stops_and_resumes_to_the_same_phi(tmp_path):
+    """run_stage1 on this stream, stopped mid-epoch (STOP file at a log point) and resumed from its
+    checkpoint, ends with the phi of an uninterrupted run: the cursor round-trips through the
+    real loop and checkpoint (same layout)."""
+    from xbt_dist.config import OptimConfig, RunConfig, Stage1Config, TrainConfig
+    from xbt_dist.train.context import WorkerContext
+    from xbt_dist.train.loop import STOP_FILE, StopRequested
+    from xbt_dist.train.stage1 import load_phi, run_stage1
+
+    rng = np.random.default_rng(0)
+    for s in range(3):  # 3 x 40 rows, batch 16: 7 steps per epoch, 2 epochs
+        w = rng.normal(size=(40, 12))
+        write_embedding_shard(tmp_path / "emb", f"t{s}", [f"{s}-{i}" for i in range(40)],
+                              {"text_new": w, "text_old": w[:, :8] + 0.1 * rng.normal(size=(40, 8))})
+    write_embedding_manifest(tmp_path / "emb", source="test", models={})
+
+    def cfg(name):
+        c = RunConfig(name=name, out_dir=str(tmp_path / name))
+        c.phi.hidden, c.phi.depth = 16, 2
+        c.stage1 = Stage1Config(source="embeddings", embeddings=str(tmp_path / "emb"), epochs=2,
+                                batch_size=16, optim=OptimConfig(lr=1e-2, warmup_steps=2))
+        c.train = TrainConfig(log_every=1, checkpoint_every=0, seed=4)
+        return c
+
+    clean = run_stage1(cfg("clean"))
+
+    def stop_at_5(rec):
+        if rec["step"] == 5:
+            (tmp_path / "cut" / "phi" / STOP_FILE).touch()
+    with pytest.raises(StopRequested):
+        run_stage1(cfg("cut"), WorkerContext(report=stop_at_5))
+    resumed = run_stage1(cfg("cut"), resume=True)
+    assert resumed["steps"] == clean["steps"] == 15
+    a, b = load_phi(clean["phi_path"]).state_dict(), load_phi(resumed["phi_path"]).state_dict()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0)
