@@ -85,10 +85,12 @@ def tower_flops(arch: str) -> dict:
     import open_clip
 
     from bench.flops import count_flops
-    model = open_clip.create_model(arch, pretrained=None).eval()
+    # train mode under no_grad: in eval mode nn.MultiheadAttention takes its fused fast path,
+    # which FlopCounterMode does not see (it then misses the q/k/v/out projections, 1/3 of a ViT)
+    model = open_clip.create_model(arch, pretrained=None).train()
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
-    with torch.inference_mode():
+    with torch.no_grad():
         img = count_flops(lambda: model.encode_image(torch.zeros(1, 3, size, size)))
         txt = count_flops(lambda: model.encode_text(torch.zeros(1, model.context_length, dtype=torch.long)))
     del model
