@@ -122,7 +122,7 @@ def test_embed_on_ray_matches_single_process_and_resumes(cluster, tiny, tmp_path
     for f in fields:
         np.testing.assert_array_equal(a.load(f), b.load(f))
     # Resumable: only the missing shard is recomputed.
-    victim = sorted((tmp_path / "ray").glob("*.npz"))[0]
+    victim = sorted((tmp_path / "ray").glob("*.keys.npy"))[0]  # the npy layout's completion mark
     victim.unlink()
     again = embed_on_ray(tiny["text"], str(tmp_path / "ray"), enc, fields, batch_size=16, dist_cfg=dist)
     assert again["pending_before"] == 1 and again["written"] == 1 and again["complete"]

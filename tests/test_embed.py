@@ -133,3 +133,25 @@ def test_all_bad_shard_keeps_set_readable(tmp_path):
     write_embedding_shard(tmp_path, "a-001", ["k"], {"text_old": np.ones((1, 5))})
     emb = EmbeddingShardSet(tmp_path)
     assert emb.dims == {"text_old": 5} and emb.load("text_old").shape == (1, 5)
+
+
+def test_decode_workers_keep_order_values_and_skip_counts(tmp_path, tiny_bundles):
+    """DataLoader decode workers (2 processes, each every other raw batch) give the same rows,
+    in the input's key order, and the same skip counts as decoding in this process."""
+    src = tmp_path / "src"
+    write_image_text_shards(src, n_shards=2, per_shard=7)
+    write_bad_shard(src / "shard-002.tar")
+    encoders = {"old": Encoder(tiny_bundles["old"]), "new": tiny_bundles["new"]}
+    fields = ["image_old", "text_new"]
+    runs = {}
+    for workers in (0, 2):
+        out = tmp_path / f"w{workers}"
+        runs[workers] = embed_shards(src, out, encoders, fields, batch_size=3, progress=None,
+                                     decode_workers=workers)
+    assert runs[0]["skipped"] == runs[2]["skipped"] == {"bad_image": 1, "missing_caption": 1}
+    a, b = EmbeddingShardSet(tmp_path / "w0"), EmbeddingShardSet(tmp_path / "w2")
+    assert a.keys() == b.keys() == [k for k, *_ in iter_image_text(src)]
+    for f in fields:
+        np.testing.assert_array_equal(a.load(f), b.load(f))
+    assert sorted(p.name for p in (tmp_path / "w2").glob("shard-000*")) == [
+        "shard-000.image_old.npy", "shard-000.keys.npy", "shard-000.text_new.npy"]

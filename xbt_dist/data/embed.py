@@ -1,10 +1,19 @@
 """Precompute embedding shard sets (`image_old`, `text_old`, `text_new`, ...) from shard sets.
 
 `embed_shards` is the single-process core: for each input shard `X.tar` it encodes the requested
-fields, L2-normalises them and atomically writes `X.npz` (see embeddings.py). Shards already
-written with all requested fields are skipped, so an interrupted run just reruns; a distributed
-runner calls it on disjoint `shards=` subsets (e.g. `all_shards[rank::world_size]`) and the last
-call that sees the full set complete writes the manifest.
+fields, L2-normalises them and atomically writes shard `X` (npy layout, see embeddings.py). Shards
+already written with all requested fields are skipped, so an interrupted run just reruns; the
+distributed runner (dist/embed_job.py) calls it on small groups of shards from a task queue and
+writes the manifest once the whole set is there.
+
+Throughput: a shard is read through a DataLoader (`decode_workers` processes). Each decode worker
+takes every `decode_workers`-th batch of the shard's raw samples (batches are cut over raw sample
+positions, so who decodes what is fixed before decoding) and returns it decoded, preprocessed
+(PIL -> tensor per model) and tokenised; the DataLoader's round robin hands the batches back in
+shard order, so output rows keep the input's key order. Each decode worker walks the tar's bytes
+(cheap next to JPEG decoding on local disk; on object storage it means `decode_workers` reads of
+a shard, so stage shards locally or keep shards small). The main process only runs the forward:
+under bf16 autocast on CUDA (fp32 weights, fp32 output), plain fp32 on CPU.
 
 Encoders are looked up per field: `encoders["image_old"]` (a plain callable over a list of PIL
 images / captions -> (n, d) array, handy in tests) wins over `encoders["old"]`, a role encoder:
@@ -14,18 +23,28 @@ an `Encoder`, a ClipBundle-like object (`.model`, `.preprocess`, `.tokenizer`) o
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import time
 from collections import Counter
-from typing import Any, Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from xbt_dist.data.embeddings import (EmbeddingShardSet, check_field, write_embedding_manifest,
-                                      write_embedding_shard)
+from xbt_dist.data.embeddings import (KEYS_SUFFIX, EmbeddingShardSet, check_field,
+                                      write_embedding_manifest, write_embedding_shard)
 from xbt_dist.data.shards import (decode_caption, decode_image, iter_raw_samples, list_shards,
                                   shard_name)
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA (weights stay fp32); a no-op elsewhere (fp32 on CPU)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 class Encoder:
@@ -33,7 +52,8 @@ class Encoder:
 
     `bundle` needs `.model` (open_clip CLIP: `encode_image`, `encode_text`), `.preprocess`
     (PIL -> tensor) and `.tokenizer` (list[str] -> LongTensor). Outputs are float32 numpy arrays,
-    not normalised (the writer normalises).
+    not normalised (the writer normalises). `prepare_*` run in decode workers, `encode_*_batch`
+    in the main process.
     """
 
     def __init__(self, bundle: Any, device: str | torch.device | None = None):
@@ -52,15 +72,29 @@ class Encoder:
         from xbt_dist.models.clip import load_clip  # models package is owned elsewhere; import lazily
         return cls(load_clip(ref, device=device), device=device)
 
-    @torch.inference_mode()
-    def encode_images(self, images: list) -> np.ndarray:
-        x = torch.stack([self.bundle.preprocess(im) for im in images]).to(self.device)
-        return self.model.encode_image(x).float().cpu().numpy()
+    def prepare_images(self, images: list) -> torch.Tensor:
+        return torch.stack([self.bundle.preprocess(im) for im in images])
+
+    def prepare_texts(self, texts: list[str]) -> torch.Tensor:
+        return self.bundle.tokenizer(texts)
 
     @torch.inference_mode()
+    def encode_image_batch(self, x: torch.Tensor) -> np.ndarray:
+        with autocast_for(self.device):
+            out = self.model.encode_image(x.to(self.device, non_blocking=True))
+        return out.float().cpu().numpy()
+
+    @torch.inference_mode()
+    def encode_token_batch(self, tokens: torch.Tensor) -> np.ndarray:
+        with autocast_for(self.device):
+            out = self.model.encode_text(tokens.to(self.device, non_blocking=True))
+        return out.float().cpu().numpy()
+
+    def encode_images(self, images: list) -> np.ndarray:
+        return self.encode_image_batch(self.prepare_images(images))
+
     def encode_texts(self, texts: list[str]) -> np.ndarray:
-        tokens = self.bundle.tokenizer(texts).to(self.device)
-        return self.model.encode_text(tokens).float().cpu().numpy()
+        return self.encode_token_batch(self.prepare_texts(texts))
 
 
 def _as_encoder(value: Any, device: str | None) -> Any:
@@ -73,15 +107,23 @@ def _as_encoder(value: Any, device: str | None) -> Any:
     return value
 
 
-def resolve_encoders(encoders: dict[str, Any], fields: Sequence[str], device: str | None = None
-                     ) -> dict[str, Callable[[list], np.ndarray]]:
-    """Map each field to a function over a list of inputs (PIL images or captions)."""
+class FieldEncoder:
+    """How one field is made: `prepare` (decode worker: list of PIL/captions -> model input, or
+    None to pass them as they are) keyed by `input` (fields sharing a model share the input) and
+    `encode` (main process: model input -> (n, d) array)."""
+
+    def __init__(self, modality: str, input: str, prepare: Callable | None, encode: Callable):
+        self.modality, self.input, self.prepare, self.encode = modality, input, prepare, encode
+
+
+def resolve_field_encoders(encoders: dict[str, Any], fields: Sequence[str], device: str | None = None
+                           ) -> dict[str, FieldEncoder]:
     cache: dict[str, Any] = {}
     out = {}
     for field in fields:
         modality, role = check_field(field)
         if field in encoders and callable(encoders[field]) and not hasattr(encoders[field], "model"):
-            out[field] = encoders[field]
+            out[field] = FieldEncoder(modality, f"{modality}:raw", None, encoders[field])
             continue
         key = field if field in encoders else role
         if key not in encoders:
@@ -94,8 +136,19 @@ def resolve_encoders(encoders: dict[str, Any], fields: Sequence[str], device: st
         if not isinstance(enc, Encoder):
             raise TypeError(f"encoder {key!r} must be an Encoder, a ClipBundle, a ModelRef, or "
                             f"(keyed by field name) a callable; got {type(enc).__name__}")
-        out[field] = enc.encode_images if modality == "image" else enc.encode_texts
+        if modality == "image":
+            out[field] = FieldEncoder(modality, f"image:{key}", enc.prepare_images, enc.encode_image_batch)
+        else:
+            out[field] = FieldEncoder(modality, f"text:{key}", enc.prepare_texts, enc.encode_token_batch)
     return out
+
+
+def resolve_encoders(encoders: dict[str, Any], fields: Sequence[str], device: str | None = None
+                     ) -> dict[str, Callable[[list], np.ndarray]]:
+    """Map each field to a function over a list of inputs (PIL images or captions)."""
+    def whole(fe: FieldEncoder):
+        return fe.encode if fe.prepare is None else (lambda xs: fe.encode(fe.prepare(xs)))
+    return {f: whole(fe) for f, fe in resolve_field_encoders(encoders, fields, device).items()}
 
 
 def _describe(value: Any) -> Any:
@@ -106,6 +159,9 @@ def _describe(value: Any) -> Any:
 
 
 def _shard_done(out_dir, name: str, fields: Sequence[str]) -> bool:
+    out_dir = Path(out_dir)
+    if (out_dir / f"{name}{KEYS_SUFFIX}").is_file():  # npy layout: keys are written last
+        return all((out_dir / f"{name}.{f}.npy").is_file() for f in fields)
     path = out_dir / f"{name}.npz"
     if not path.is_file():
         return False
@@ -116,48 +172,88 @@ def _shard_done(out_dir, name: str, fields: Sequence[str]) -> bool:
         return False
 
 
-def embed_one_shard(shard: str, fns: dict[str, Callable], fields: Sequence[str], batch_size: int,
-                    stats: Counter) -> tuple[list[str], dict[str, np.ndarray]]:
+class ShardBatches(IterableDataset):
+    """Decoded, model-ready batches of one shard; worker w of n takes raw batches w, w+n, ...
+
+    Yields {"keys", "inputs": {input name: tensor or list}, "skipped": Counter, "raw": int}.
+    """
+
+    def __init__(self, shard: str, fes: dict[str, FieldEncoder], batch_size: int):
+        self.shard, self.batch_size = shard, batch_size
+        self.prepare = {fe.input: (fe.modality, fe.prepare) for fe in fes.values()}
+        self.need_image = any(fe.modality == "image" for fe in fes.values())
+        self.need_text = any(fe.modality == "text" for fe in fes.values())
+
+    def _raw_batches(self, stats: Counter) -> Iterator[list[dict]]:
+        batch: list[dict] = []
+        for s in iter_raw_samples(self.shard, stats):
+            batch.append(s)
+            if len(batch) == self.batch_size:
+                yield batch
+                batch = []
+        yield batch  # possibly empty: carries the shard's truncation count
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        w, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        stats: Counter = Counter()
+        for j, raw in enumerate(self._raw_batches(stats)):
+            if j % n != w:
+                continue
+            skipped, keys, images, texts = Counter(), [], [], []
+            for s in raw:
+                caption = decode_caption(s) if self.need_text else None
+                if self.need_text and caption is None:
+                    skipped["missing_caption"] += 1
+                    continue
+                if self.need_image:
+                    image = decode_image(s)
+                    if image is None:
+                        skipped["bad_image"] += 1
+                        continue
+                    images.append(image)
+                if self.need_text:
+                    texts.append(caption)
+                keys.append(s["__key__"])
+            inputs = {}
+            for name, (modality, prepare) in self.prepare.items():
+                xs = images if modality == "image" else texts
+                inputs[name] = xs if prepare is None or not keys else prepare(xs)
+            # the tar's damage is known only once it is read to the end: the last batch reports it
+            skipped.update(stats)
+            stats.clear()
+            yield {"keys": keys, "inputs": inputs, "skipped": skipped, "raw": len(raw)}
+
+
+def _as_is(batch: dict) -> dict:
+    return batch
+
+
+def embed_one_shard(shard: str, fns: dict[str, FieldEncoder | Callable], fields: Sequence[str],
+                    batch_size: int, stats: Counter, decode_workers: int = 0,
+                    pin_memory: bool = False) -> tuple[list[str], dict[str, np.ndarray]]:
     """Encode all good samples of one shard; returns (keys, {field: (n, d) float32})."""
-    need_image = any(f.startswith("image_") for f in fields)
-    need_text = any(f.startswith("text_") for f in fields)
+    fes = {f: fn if isinstance(fn, FieldEncoder) else
+           FieldEncoder(f.split("_", 1)[0], f"{f.split('_', 1)[0]}:raw", None, fn) for f, fn in fns.items()}
+    fes = {f: fes[f] for f in fields}
+    loader = DataLoader(ShardBatches(shard, fes, batch_size), batch_size=None, num_workers=decode_workers,
+                        collate_fn=_as_is, pin_memory=pin_memory)
     keys: list[str] = []
     parts: dict[str, list[np.ndarray]] = {f: [] for f in fields}
-    images: list = []
-    texts: list[str] = []
-
-    def flush():
-        for f in fields:
-            inputs = images if f.startswith("image_") else texts
-            arr = np.asarray(fns[f](inputs), dtype=np.float32)
-            if arr.ndim != 2 or arr.shape[0] != len(inputs):
-                raise ValueError(f"encoder for {f} returned shape {arr.shape} for {len(inputs)} inputs; "
-                                 "expected (n, d)")
-            parts[f].append(arr)
-        images.clear()
-        texts.clear()
-
     n_raw = 0
-    for s in iter_raw_samples(shard, stats):
-        n_raw += 1
-        caption = decode_caption(s) if need_text else None
-        if need_text and caption is None:
-            stats["missing_caption"] += 1
+    for b in loader:
+        stats.update(b["skipped"])
+        n_raw += b["raw"]
+        if not b["keys"]:
             continue
-        if need_image:
-            image = decode_image(s)
-            if image is None:
-                stats["bad_image"] += 1
-                continue
-            images.append(image)
-        if need_text:
-            texts.append(caption)
-        keys.append(s["__key__"])
-        if len(keys) % batch_size == 0:
-            flush()
-    if images or texts:
-        flush()
-    if n_raw and not keys and need_image:
+        for f, fe in fes.items():
+            arr = np.asarray(fe.encode(b["inputs"][fe.input]), dtype=np.float32)
+            if arr.ndim != 2 or arr.shape[0] != len(b["keys"]):
+                raise ValueError(f"encoder for {f} returned shape {arr.shape} for {len(b['keys'])} "
+                                 "inputs; expected (n, d)")
+            parts[f].append(arr)
+        keys.extend(b["keys"])
+    if n_raw and not keys and any(fe.modality == "image" for fe in fes.values()):
         raise ValueError(f"shard {shard}: none of its {n_raw} samples has a decodable image but "
                          f"fields {list(fields)} need images; is this a text-only shard set?")
     arrays = {f: (np.concatenate(parts[f]) if parts[f] else np.zeros((0, 0), np.float32))
@@ -168,14 +264,16 @@ def embed_one_shard(shard: str, fns: dict[str, Callable], fields: Sequence[str],
 def embed_shards(src, out_dir, encoders: dict[str, Any], fields: Sequence[str],
                  batch_size: int = 64, shards: Sequence[str] | None = None,
                  device: str | None = None, progress: Callable[[str], None] | None = print,
-                 manifest: bool = True) -> dict[str, Any]:
-    """Embed `fields` for each shard of `src` into `out_dir` (one `X.npz` per `X.tar`), resumably.
+                 manifest: bool = True, decode_workers: int = 0,
+                 before_shard: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Embed `fields` for each shard of `src` into `out_dir` (one output shard per `X.tar`), resumably.
 
     `shards`: subset of `list_shards(src)` (paths or names) for this process, default all.
+    `decode_workers`: DataLoader processes decoding/preprocessing (0: in this process).
+    `before_shard(name)`: called before a shard is computed (the Ray job's fault-injection hook).
     Returns counts: shards written / already done, samples embedded, skipped samples by reason.
     Writes the manifest when every shard of `src` is present in `out_dir`.
     """
-    from pathlib import Path
     fields = list(fields)
     if not fields:
         raise ValueError("fields is empty: request e.g. ['image_old', 'text_old']")
@@ -192,7 +290,7 @@ def embed_shards(src, out_dir, encoders: dict[str, Any], fields: Sequence[str],
             raise ValueError(f"shards {sorted(unknown)} are not in shard set {src}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fns = None  # encoders are built lazily: a fully-done rerun never loads a model
+    fes = None  # encoders are built lazily: a fully-done rerun never loads a model
     stats: Counter = Counter()
     done_before = written = samples = 0
     t0 = time.time()
@@ -201,9 +299,12 @@ def embed_shards(src, out_dir, encoders: dict[str, Any], fields: Sequence[str],
         if _shard_done(out_dir, name, fields):
             done_before += 1
             continue
-        if fns is None:
-            fns = resolve_encoders(encoders, fields, device)
-        keys, arrays = embed_one_shard(shard, fns, fields, batch_size, stats)
+        if before_shard is not None:
+            before_shard(name)
+        if fes is None:
+            fes = resolve_field_encoders(encoders, fields, device)
+        keys, arrays = embed_one_shard(shard, fes, fields, batch_size, stats, decode_workers,
+                                       pin_memory=device is not None and torch.device(device).type == "cuda")
         if not keys:  # all samples bad: an empty shard keeps the set complete (d unknown -> 1)
             arrays = {f: np.zeros((0, 1), np.float32) for f in fields}
         write_embedding_shard(out_dir, name, keys, arrays)

@@ -22,6 +22,7 @@ from xbt_dist.config import RunConfig, to_dict
 from xbt_dist.data.embeddings import EmbeddingShardSet
 from xbt_dist.data.shards import list_shards, shard_sizes
 from xbt_dist.data.stream import SampleStream
+from xbt_dist.data.text_stream import TextEmbeddingStream
 from xbt_dist.losses import info_nce
 from xbt_dist.models.clip import load_clip
 from xbt_dist.models.phi import Phi
@@ -86,10 +87,12 @@ def run_stage1(cfg: RunConfig, ctx: WorkerContext | None = None, resume: bool = 
         emb = EmbeddingShardSet(s1.embeddings)
         emb.check_fields(["text_new", "text_old"])
         d_new, d_old = emb.dims["text_new"], emb.dims["text_old"]
-        stream = SampleStream(s1.embeddings, mode="embeddings", batch_size=local_batch,
-                              fields={"w_new": "text_new", "w_old": "text_old"},
-                              rank=ctx.rank, world_size=ctx.world_size, seed=cfg.train.seed,
-                              shuffle_buffer=4096, drop_last=True, num_workers=loaders)
+        # memory-mapped, block-shuffled fp16 rows with a global cursor (data/text_stream.py)
+        stream = TextEmbeddingStream(s1.embeddings, batch_size=local_batch,
+                                     fields={"w_new": "text_new", "w_old": "text_old"},
+                                     rank=ctx.rank, world_size=ctx.world_size, seed=cfg.train.seed,
+                                     drop_last=True, num_workers=loaders,
+                                     pin_memory=ctx.device.type == "cuda")
         encode = None
     else:
         if not s1.text_shards:
@@ -114,7 +117,9 @@ def run_stage1(cfg: RunConfig, ctx: WorkerContext | None = None, resume: bool = 
 
     def step_fn(batch):
         if encode is None:
-            w_new, w_old = batch["w_new"].to(ctx.device), batch["w_old"].to(ctx.device)
+            # fp16 on the wire, fp32 on the device (the precision layer may autocast around this)
+            w_new = batch["w_new"].to(ctx.device, non_blocking=True).float()
+            w_old = batch["w_old"].to(ctx.device, non_blocking=True).float()
             w_new, w_old = F.normalize(w_new, dim=-1), F.normalize(w_old, dim=-1)
         else:
             w_new, w_old = encode(batch["captions"])
