@@ -26,7 +26,10 @@ The policy, and why:
   apply a scaler here (DeepSpeed's fp16 mode would cast every parameter to fp16). bf16 has fp32's
   range and needs none.
 
-Model and loss code stay free of precision logic; only the stages' `step_fn`s use this module.
+On Ray each DeepSpeed engine gets the same autocast through its `torch_autocast` config section
+(`build_ds_config`): DeepSpeed switches an autocast entered outside `engine(...)` off inside it.
+Model and loss code stay free of precision logic; the stages' `step_fn`s and `build_ds_config`
+are the only users of this module.
 """
 
 from __future__ import annotations
