@@ -33,10 +33,16 @@ class ModelRef:
     arch: str
     pretrained: str | None = None   # open_clip tag ("openai") or a local checkpoint path; None = random init
     config_dir: str | None = None   # directory of extra open_clip JSON architecture configs
+    # Build the towers with QuickGELU (what OpenAI's CLIP weights were trained with). None: as the
+    # open_clip pretrained registry says for (arch, tag) (true for every `openai` tag), else the
+    # architecture's own setting. A local checkpoint cannot tell: set true for OpenAI weights on disk.
+    quick_gelu: bool | None = None
 
     def __post_init__(self):
         _check(isinstance(self.arch, str) and bool(self.arch), "model.arch", self.arch,
                "an open_clip architecture name such as 'ViT-B-32'")
+        _check(self.quick_gelu in (None, True, False), "model.quick_gelu", self.quick_gelu,
+               "true, false or null (from the pretrained tag)")
 
 
 @dataclass
@@ -111,6 +117,11 @@ class Stage1Config:
         _check(self.batch_size > 0, "stage1.batch_size", self.batch_size, "a positive int")
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+FP16_REFUSED = ("dist.precision='fp16' is not supported: fp16 needs dynamic loss scaling, which this trainer "
+                "does not apply (its trainables stay fp32 under autocast, and DeepSpeed's fp16 mode would cast "
+                "every weight to fp16). Fix: use dist.precision=bf16 (fp32's range, no loss scaling; GPUs "
+                "since NVIDIA Ampere, and CPUs) or fp32.")
 METHODS = ("xbt", "lora_only", "base", "full_tune")
 TARGET_SOURCES = ("precomputed", "old_model", "synthetic")
 
@@ -163,9 +174,16 @@ class DistConfig:
     # until its controller has taken the previous one (it polls every 2 s), so reporting at every
     # log point throttled the toy phi run 5x; the progress line and TensorBoard still log every point.
     report_every_s: float = 30.0
+    # Forward precision (xbt_dist.train.precision): "fp32" | "bf16" (autocast forward; fp32 weights,
+    # optimiser, logits and loss) | "fp16" (refused: needs loss scaling). null: bf16 on a GPU, fp32 on CPU.
+    precision: str | None = None
 
     def __post_init__(self):
         _check(self.backend in ("local", "ray"), "dist.backend", self.backend, "'local' or 'ray'")
+        _check(self.precision in (None,) + PRECISIONS, "dist.precision", self.precision,
+               f"one of {PRECISIONS}, or null for the device default (bf16 on GPU, fp32 on CPU)")
+        if self.precision == "fp16":
+            raise ConfigError(FP16_REFUSED)
         _check(self.workers >= 1, "dist.workers", self.workers, "an int >= 1")
         _check(self.zero_stage in (0, 1, 2, 3), "dist.zero_stage", self.zero_stage, "0, 1, 2 or 3")
         _check(self.report_every_s >= 0, "dist.report_every_s", self.report_every_s, "seconds >= 0")

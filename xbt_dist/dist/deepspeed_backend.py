@@ -9,7 +9,9 @@ What DeepSpeed does for us here, and what it costs:
 - ZeRO 1/2 shard optimiser state / gradients; ZeRO-3 also shards parameters, which means any
   trainable tensor read outside a forward (saving adapters, phi) must be gathered first: use
   `backend.gathered()` (a collective, every rank must enter it);
-- bf16 on GPU; fp32 on CPU (`DS_ACCELERATOR=cpu`, gloo), where DeepSpeed has no bf16 kernels.
+- nothing about precision: DeepSpeed's bf16/fp16 modes are off and the engine holds fp32 weights;
+  `dist.precision` is torch.autocast around the forward (xbt_dist.train.precision). CPU runs use
+  `DS_ACCELERATOR=cpu` and gloo.
 
 ZeRO-3 and the XBT model: base CLIP towers are frozen and only adapters, soft prompts and phi train.
 ZeRO-3 fetches a parameter in the pre-forward hook of the module that owns it, which breaks for
@@ -47,8 +49,10 @@ def build_ds_config(dist_cfg: DistConfig, optim: OptimConfig, local_batch: int, 
     """DeepSpeed config dict from `dist.deepspeed_config` (a JSON) or from `dist.zero_stage`.
 
     A JSON's `zero_optimization.stage` wins over `dist.zero_stage` (the JSON is the specific
-    choice); batch sizes, accumulation, clipping and precision are always filled in from the typed
-    config, and `optimizer`/`scheduler` sections are dropped because we pass our own.
+    choice); batch sizes, accumulation and clipping are always filled in from the typed config,
+    `optimizer`/`scheduler` sections are dropped because we pass our own, and DeepSpeed's
+    bf16/fp16 modes are always off: `dist.precision` (resolved for `on_gpu`) becomes DeepSpeed's
+    `torch_autocast` section, i.e. torch.autocast around the engine's forward, fp32 weights.
     """
     if local_batch < 1:
         raise ValueError(f"local batch {local_batch} < 1: the global batch must be >= dist.workers")
@@ -76,13 +80,27 @@ def build_ds_config(dist_cfg: DistConfig, optim: OptimConfig, local_batch: int, 
     })
     cfg.setdefault("steps_per_print", 10 ** 9)  # our progress line does the logging
     cfg.setdefault("wall_clock_breakdown", False)
-    if on_gpu:
-        if not cfg.get("fp16", {}).get("enabled"):
-            cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": True}
-    else:
-        # DeepSpeed's CPU accelerator has no reduced-precision optimiser path worth using: fp32.
-        cfg["bf16"] = {"enabled": False}
-        cfg["fp16"] = {"enabled": False}
+    # Precision is `dist.precision`, applied as torch.autocast around the forward by the stages
+    # (xbt_dist.train.precision). DeepSpeed's own bf16/fp16 modes stay off on every device: they
+    # cast all parameters (frozen towers included) to 16 bits, leave the inputs fp32 (a dtype
+    # mismatch at the first matmul) and, at ZeRO stage 0, step AdamW on bf16 weights with no fp32
+    # master copy. With them off the engine holds fp32 weights: the master weights, on every stage.
+    asked = [k for k in ("bf16", "fp16") if cfg.get(k, {}).get("enabled")]
+    if asked:
+        log.info("DeepSpeed config enables %s: ignored, the forward precision is dist.precision (autocast, "
+                 "fp32 weights)", asked)
+    cfg["bf16"] = {"enabled": False}
+    cfg["fp16"] = {"enabled": False}
+    # The engine's forward must run under autocast itself: DeepSpeed turns an autocast entered
+    # outside it OFF inside `engine(...)` unless its `torch_autocast` section is on. An empty
+    # `lower_precision_safe_modules` keeps gradient all-reduces in fp32 (DeepSpeed would otherwise
+    # reduce Linear/Conv gradients in bf16; they are only the adapters' and phi's, ~8M values).
+    from xbt_dist.train.precision import resolve_precision
+
+    precision = resolve_precision(dist_cfg.precision, "cuda" if on_gpu else "cpu")
+    cfg["torch_autocast"] = ({"enabled": True, "dtype": precision,
+                              "lower_precision_safe_modules": []}
+                             if precision != "fp32" else {"enabled": False})
     return cfg
 
 

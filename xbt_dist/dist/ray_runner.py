@@ -161,7 +161,7 @@ def _worker_entry(config: dict) -> None:
     import torch.distributed as dist
 
     from xbt_dist.dist.deepspeed_backend import make_deepspeed_backend
-    from xbt_dist.train.context import WorkerContext
+    from xbt_dist.train.context import WorkerContext, all_reduce_mean
 
     tctx = ray.train.get_context()
     rank, world_size = tctx.get_world_rank(), tctx.get_world_size()
@@ -199,7 +199,8 @@ def _worker_entry(config: dict) -> None:
     ctx = WorkerContext(rank=rank, world_size=world_size, local_rank=tctx.get_local_rank(), device=device,
                         make_backend=make_deepspeed_backend(cfg.dist, world_size, on_gpu),
                         report=report if config["report"] else None,
-                        barrier=dist.barrier, any_rank=any_rank, gather=gather)
+                        barrier=dist.barrier, any_rank=any_rank, gather=gather,
+                        mean_over_ranks=lambda xs: all_reduce_mean(xs, device, world_size))
     from xbt_dist.train.loop import StopRequested
     try:
         result = config["stage_fn"](cfg, ctx, resume=bool(config["resume"] or attempt > 0), **config["kwargs"])

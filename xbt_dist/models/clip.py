@@ -15,7 +15,7 @@ import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import open_clip
 import torch
@@ -89,12 +89,30 @@ def _quiet_random_init_warning(active: bool):
         root.removeFilter(drop)
 
 
-def load_clip(ref: ModelRef, device: str | torch.device = "cpu", requires_grad: bool = False) -> ClipBundle:
+def needs_quick_gelu(ref: ModelRef) -> bool:
+    """Must `ref`'s towers use QuickGELU? `ref.quick_gelu` if set, else the pretrained tag's flag.
+
+    open_clip's registry marks the weights trained with QuickGELU (`quick_gelu: True` in the tag's
+    config: every `openai` tag, and some others), but `create_model("ViT-B-32", "openai")` builds the
+    architecture's GELU anyway and only logs a warning, so the OpenAI weights run with the wrong
+    activation. A local checkpoint path says nothing about its activation: False unless set.
+    """
+    if ref.quick_gelu is not None:
+        return bool(ref.quick_gelu)
+    if ref.pretrained is None or _is_checkpoint_path(ref.pretrained):
+        return False
+    return bool(open_clip.get_pretrained_cfg(ref.arch, ref.pretrained).get("quick_gelu", False))
+
+
+def load_clip(ref: ModelRef, device: str | torch.device = "cpu", requires_grad: bool = False,
+              load_weights: bool = True) -> ClipBundle:
     """Create the open_clip model named by `ref` (random init when ref.pretrained is None).
 
     The model is frozen unless `requires_grad=True`: a bundle is for inference, and torch picks
     different (last-bit) matmul kernels for weights that require grad, so only a frozen untouched model
     matches `AdaptedCLIP.adapters_disabled()` bit for bit.
+    `load_weights=False` builds the architecture `ref`'s weights need (QuickGELU included) with random
+    init, reading and downloading nothing: for parameter counts and offline tests.
     """
     if ref.config_dir:
         register_model_configs(ref.config_dir)
@@ -111,13 +129,17 @@ def load_clip(ref: ModelRef, device: str | torch.device = "cpu", requires_grad: 
         else:
             _check_tag(ref.arch, pretrained)
 
+    quick_gelu = needs_quick_gelu(ref)
+    if not load_weights:
+        pretrained = checkpoint = None
     try:
         # Load the checkpoint ourselves (below) so a mismatch surfaces here with both names in the error.
         # open_clip would then log "No pretrained weights loaded ... initialized randomly", which is
         # untrue once the checkpoint is loaded: silence that one record.
         with _quiet_random_init_warning(checkpoint is not None):
             model, preprocess_train, preprocess = open_clip.create_model_and_transforms(
-                ref.arch, pretrained=None if checkpoint else pretrained, device="cpu")
+                ref.arch, pretrained=None if checkpoint else pretrained, device="cpu",
+                force_quick_gelu=quick_gelu)
     except (OSError, RuntimeError, ConnectionError) as e:
         if pretrained is None or checkpoint:
             raise
@@ -152,6 +174,50 @@ def embed_dim_of(model: nn.Module) -> int:
     if proj is not None:
         return int(proj.shape[1])
     raise ValueError(f"cannot tell the embedding dimension of {type(model).__name__}")
+
+
+class DeviceNormalize:
+    """uint8 image batch -> the float input the model expects: ToTensor + Normalize, on any device.
+
+    Same operations in the same order as torchvision's `ToTensor` (x / 255 in fp32) and
+    `Normalize` ((x - mean) / std), so the result equals the host-side transform up to fp rounding
+    of the elementwise kernels. Batches travel host -> device as uint8: a quarter of the bytes of
+    fp32 through DataLoader shared memory, pinned buffers and the PCIe copy.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        self._cache: dict = {}
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8:
+            raise TypeError(f"DeviceNormalize expects a uint8 image batch, got {images.dtype}")
+        key = images.device
+        if key not in self._cache:  # per-device constants, made once (not a sync point afterwards)
+            self._cache[key] = tuple(torch.tensor(v, dtype=torch.float32, device=key).view(-1, 1, 1)
+                                     for v in (self.mean, self.std))
+        mean, std = self._cache[key]
+        return images.to(torch.float32).div(255).sub_(mean).div_(std)
+
+
+def split_device_normalize(transform: Callable) -> tuple[Callable, DeviceNormalize]:
+    """Split an open_clip image transform into its host part (PIL -> uint8 CHW tensor) and the
+    `DeviceNormalize` that finishes it on the training device.
+
+    The host part keeps every PIL step (random resized crop, RGB conversion, any colour
+    augmentation) and replaces `ToTensor` + `Normalize` with `PILToTensor` (uint8, no scaling).
+    Raises ValueError for a transform that does not end in ToTensor, Normalize (e.g. a timm one).
+    """
+    from torchvision import transforms as T
+
+    steps = list(getattr(transform, "transforms", []))
+    if len(steps) < 2 or not isinstance(steps[-2], T.ToTensor) or not isinstance(steps[-1], T.Normalize):
+        raise ValueError(f"cannot move normalisation to the device: the image transform {transform!r} "
+                         "does not end in ToTensor(), Normalize(...)")
+    norm = steps[-1]
+    if norm.inplace:
+        raise ValueError("an in-place Normalize cannot be split off")
+    return T.Compose(steps[:-2] + [T.PILToTensor()]), DeviceNormalize(norm.mean, norm.std)
 
 
 def save_state_dict(model: nn.Module, path: str | os.PathLike) -> None:

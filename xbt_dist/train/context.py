@@ -38,7 +38,20 @@ class WorkerContext:
     any_rank: Callable[[bool], bool] = bool
     # collective: every rank's picklable value, in rank order (all_gather_object); [x] locally
     gather: Callable[[Any], list] = lambda x: [x]
+    # collective: element-wise mean over ranks of a list of floats (one all-reduce); identity
+    # locally. For reporting at log points (the global-batch loss, not rank 0's share of it).
+    mean_over_ranks: Callable[[list[float]], list[float]] = lambda xs: [float(x) for x in xs]
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def all_reduce_mean(values: list[float], device: torch.device, world_size: int) -> list[float]:
+    """`WorkerContext.mean_over_ranks` over the default torch.distributed group: ONE all-reduce of
+    all the values (a collective: every rank calls it at the same point, with the same length)."""
+    import torch.distributed as dist
+
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / world_size).tolist()

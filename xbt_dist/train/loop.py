@@ -161,8 +161,10 @@ def run_loop(*, name: str, ctx: WorkerContext, backend, stream, step_fn: Callabl
         if not progress.due(state.step):
             continue
         # Log points only: .item() and the stop vote are sync points we keep off the hot path.
-        rec = progress.update(state.step, loss.item(), {k: v.item() for k, v in parts.items()},
-                              backend.lr())
+        # The global-batch loss: each rank's loss is its local rows' share, so report the mean
+        # over ranks (one all-reduce, entered by every rank at the same log point).
+        means = ctx.mean_over_ranks([loss.item(), *(v.item() for v in parts.values())])
+        rec = progress.update(state.step, means[0], dict(zip(parts, means[1:])), backend.lr())
         rec["skipped"] = dict(getattr(stream, "skipped", {}))
         state.history.append(rec)
         if ctx.report is not None:

@@ -1,5 +1,8 @@
 """Progress reporting: a console line (loss, samples/s, ETA) and TensorBoard scalars.
 
+The loss it is given is the global-batch loss: the training loop averages each rank's local
+InfoNCE share over ranks (`WorkerContext.mean_over_ranks`) before calling `update`, so rank 0's
+line and history report the whole cluster, not its own rows.
 Throughput is measured between log points, so start-up cost (model load, Ray start) does not
 dilute it. The global rate is the per-worker rate times the world size, which holds because every
 worker processes the same local batch size per step.

@@ -28,6 +28,7 @@ from xbt_dist.models.clip import load_clip
 from xbt_dist.models.phi import Phi
 from xbt_dist.train.context import WorkerContext
 from xbt_dist.train.loop import run_loop
+from xbt_dist.train.precision import forward_autocast, fp32_unit, resolve_precision
 from xbt_dist.train.progress import mean_rate, peak_rss_mb
 
 PHI_FILE = "phi.pt"
@@ -80,6 +81,7 @@ def run_stage1(cfg: RunConfig, ctx: WorkerContext | None = None, resume: bool = 
     if local_batch < 1:
         raise ValueError(f"stage1.batch_size={s1.batch_size} is smaller than workers x grad_accum")
     t0 = time.perf_counter()
+    precision = resolve_precision(cfg.dist.precision, ctx.device)
     loaders = s1.num_workers if s1.num_workers is not None else int(s1.source == "text")
     if s1.source == "embeddings":
         if not s1.embeddings:
@@ -101,7 +103,8 @@ def run_stage1(cfg: RunConfig, ctx: WorkerContext | None = None, resume: bool = 
         d_new, d_old = new.embed_dim, old.embed_dim
         stream = SampleStream(s1.text_shards, mode="text", batch_size=local_batch,
                               rank=ctx.rank, world_size=ctx.world_size, seed=cfg.train.seed,
-                              shuffle_buffer=4096, drop_last=True, num_workers=loaders)
+                              shuffle_buffer=4096, drop_last=True, num_workers=loaders,
+                              pin_memory=ctx.device.type == "cuda")
 
         @torch.no_grad()
         def encode(captions):  # both frozen text towers, each with its own tokenizer
@@ -116,15 +119,16 @@ def run_stage1(cfg: RunConfig, ctx: WorkerContext | None = None, resume: bool = 
     backend = ctx.make_backend(module, s1.optim, total_steps, local_batch)
 
     def step_fn(batch):
-        if encode is None:
-            # fp16 on the wire, fp32 on the device (the precision layer may autocast around this)
-            w_new = batch["w_new"].to(ctx.device, non_blocking=True).float()
-            w_old = batch["w_old"].to(ctx.device, non_blocking=True).float()
-            w_new, w_old = F.normalize(w_new, dim=-1), F.normalize(w_old, dim=-1)
-        else:
-            w_new, w_old = encode(batch["captions"])
-        phi_w, scale = backend.module(w_new)
-        loss = info_nce(phi_w, w_old.to(phi_w.dtype), scale, ctx.rank, ctx.world_size)
+        # Embedding rows may arrive in any float dtype (fp16 on disk): converted on the device.
+        with forward_autocast(precision, ctx.device):
+            if encode is None:
+                w_new, w_old = (F.normalize(batch[k].to(ctx.device, non_blocking=True).float(), dim=-1)
+                                for k in ("w_new", "w_old"))
+            else:
+                w_new, w_old = encode(batch["captions"])
+            phi_w, scale = backend.module(w_new)
+        # logits and loss in fp32, outside autocast (xbt_dist.train.precision)
+        loss = info_nce(fp32_unit(phi_w), fp32_unit(w_old), scale.float(), ctx.rank, ctx.world_size)
         return loss, {"text_to_old_text": loss.detach()}
 
     state = run_loop(name="phi", ctx=ctx, backend=backend, stream=stream, step_fn=step_fn,
@@ -140,7 +144,7 @@ def run_stage1(cfg: RunConfig, ctx: WorkerContext | None = None, resume: bool = 
               "final_loss": state.history[-1]["loss"] if state.history else None,
               "samples_per_s": mean_rate(state.history),
               "peak_rss_mb": max(peaks), "peak_rss_mb_per_rank": peaks,
-              "phi_path": f"{stage_dir}/{PHI_FILE}"}
+              "phi_path": f"{stage_dir}/{PHI_FILE}", "precision": precision}
     if ctx.is_main:
         with backend.gathered():
             save_phi(Path(stage_dir) / PHI_FILE, module.phi, cfg, d_new, d_old)

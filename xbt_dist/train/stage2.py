@@ -26,11 +26,12 @@ from xbt_dist.data.shards import list_shards, shard_sizes
 from xbt_dist.data.stream import SampleStream
 from xbt_dist.losses import xbt_loss
 from xbt_dist.models.adapters import AdaptedCLIP
-from xbt_dist.models.clip import ClipBundle, load_clip
+from xbt_dist.models.clip import ClipBundle, load_clip, split_device_normalize
 from xbt_dist.models.phi import Phi
 from xbt_dist.train.context import WorkerContext
 from xbt_dist.train.loop import run_loop
 from xbt_dist.train.model import XBTModel, resolve_method
+from xbt_dist.train.precision import forward_autocast, fp32_unit, resolve_precision
 from xbt_dist.train.progress import mean_rate, peak_rss_mb
 from xbt_dist.train.stage1 import PHI_FILE, load_phi
 
@@ -89,6 +90,7 @@ def run_stage2(cfg: RunConfig, ctx: WorkerContext | None = None, resume: bool = 
     if not tc.train_shards:
         raise ValueError("train.train_shards is not set: point it at an image-text shard set")
     t0 = time.perf_counter()
+    precision = resolve_precision(cfg.dist.precision, ctx.device)
     new = load_clip(cfg.new, ctx.device)
     old = None
     targets = None
@@ -111,11 +113,15 @@ def run_stage2(cfg: RunConfig, ctx: WorkerContext | None = None, resume: bool = 
     torch.manual_seed(cfg.train.seed)  # same init (phi, prompts, LoRA) on every run and rank
     model = build_model(cfg, new, d_old).to(ctx.device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    stream = SampleStream(tc.train_shards, batch_size=local_batch, transform=new.preprocess_train,
+    # Images leave the DataLoader as uint8 (crop/resize in its workers) and are normalised on the
+    # device in step_fn: 4x fewer bytes through shared memory and the host-to-device copy. Pinned
+    # batches on a GPU make the `non_blocking` copies below asynchronous.
+    host_transform, normalize = split_device_normalize(new.preprocess_train)
+    stream = SampleStream(tc.train_shards, batch_size=local_batch, transform=host_transform,
                           tokenizer=new.tokenizer, targets=tc.targets if targets else None,
                           rank=ctx.rank, world_size=ctx.world_size, num_workers=tc.num_workers,
                           seed=tc.seed, shuffle_buffer=tc.shuffle_buffer, resampled=tc.resampled,
-                          drop_last=True)
+                          drop_last=True, pin_memory=ctx.device.type == "cuda")
     sizes = shard_sizes(tc.train_shards)
     n = tc.samples_per_epoch or (sum(sizes.values()) if sizes else 0)
     if not n:
@@ -126,22 +132,24 @@ def run_stage2(cfg: RunConfig, ctx: WorkerContext | None = None, resume: bool = 
     weights = cfg.loss.weights()
 
     def step_fn(batch):
-        images = batch["images"].to(ctx.device, non_blocking=True)
+        images = normalize(batch["images"].to(ctx.device, non_blocking=True))  # uint8 -> fp32
         tokens = batch["tokens"].to(ctx.device, non_blocking=True)
-        if tc.target_source == "precomputed":
-            tgt = {"v_old": batch["v_old"].to(ctx.device), "w_old": batch["w_old"].to(ctx.device)}
-            tgt = {k: F.normalize(v, dim=-1) for k, v in tgt.items()}
-        elif tc.target_source == "old_model":
-            with torch.no_grad():
-                tgt = {"v_old": old.model.encode_image(to_old(images), normalize=True),
-                       "w_old": old.model.encode_text(old.tokenizer(batch["captions"]).to(ctx.device),
-                                                      normalize=True)}
-        else:
-            tgt = backend.module(images, tokens, synthetic_targets=True)
-        out = backend.module(images, tokens)
-        embeds = {"phi_v": out["phi_v"], "phi_w": out["phi_w"],
-                  **{k: v.to(out["phi_v"].dtype) for k, v in tgt.items()}}
-        return xbt_loss(embeds, weights, out["logit_scale"], ctx.rank, ctx.world_size)
+        # The forward (towers, phi) under autocast; targets, logits and the loss in fp32.
+        with forward_autocast(precision, ctx.device):
+            if tc.target_source == "precomputed":
+                tgt = {"v_old": batch["v_old"], "w_old": batch["w_old"]}
+            elif tc.target_source == "old_model":
+                with torch.no_grad():
+                    tgt = {"v_old": old.model.encode_image(to_old(images), normalize=True),
+                           "w_old": old.model.encode_text(old.tokenizer(batch["captions"]).to(ctx.device),
+                                                          normalize=True)}
+            else:
+                tgt = backend.module(images, tokens, synthetic_targets=True)
+            out = backend.module(images, tokens)
+        if tc.target_source == "precomputed":  # stored rows (fp16 on disk): normalised on the device
+            tgt = {k: F.normalize(v.to(ctx.device, non_blocking=True).float(), dim=-1) for k, v in tgt.items()}
+        embeds = {k: fp32_unit(v) for k, v in {"phi_v": out["phi_v"], "phi_w": out["phi_w"], **tgt}.items()}
+        return xbt_loss(embeds, weights, out["logit_scale"].float(), ctx.rank, ctx.world_size)
 
     state = run_loop(name=f"train:{tc.method}", ctx=ctx, backend=backend, stream=stream,
                      step_fn=step_fn, total_steps=total_steps, global_batch=tc.batch_size,
@@ -162,7 +170,8 @@ def run_stage2(cfg: RunConfig, ctx: WorkerContext | None = None, resume: bool = 
               "samples_per_s": mean_rate(state.history),
               "skipped": skipped, "old_model_loaded": old is not None,
               "final_loss": state.history[-1]["loss"] if state.history else None,
-              "adapters_path": f"{stage_dir}/{ADAPTERS_FILE}", "world_size": ctx.world_size}
+              "adapters_path": f"{stage_dir}/{ADAPTERS_FILE}", "world_size": ctx.world_size,
+              "precision": precision}
     if skipped and ctx.is_main:
         print(f"[train] skipped bad samples (all ranks): {skipped}", file=sys.stderr)
     if ctx.is_main:
