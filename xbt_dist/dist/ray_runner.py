@@ -10,6 +10,9 @@ KubeRay, `ray start`), or starts a local Ray with the dashboard bound to 127.0.0
 `WorkerContext` from `ray.train.get_context()` with the DeepSpeed backend factory and calls
 `stage_fn(cfg, ctx, resume=...)`. Rank 0's returned dict comes back as the result.
 
+Before the trainer starts, `placement.check_ray_cluster` checks that `dist.workers` x
+(cpus_per_worker, gpus_per_worker) fit the cluster's nodes (Ray would otherwise wait forever).
+
 Fault tolerance: Ray's `FailureConfig(max_failures)` restarts the whole worker group after a
 worker dies. Ray checkpoints are not used: the stage's own `Checkpointer` (under cfg.out_dir) is
 the source of truth, so a restarted group calls the stage with `resume=True` and it continues
@@ -237,6 +240,9 @@ def run_on_ray(stage_fn: Callable, cfg: RunConfig, resume: bool = False, *, name
     d = cfg.dist
     started = connect_ray(d, include_dashboard=include_dashboard)
     try:
+        # Ray would wait forever for bundles that cannot be placed: fail now with the numbers.
+        from xbt_dist.dist.placement import check_ray_cluster
+        check_ray_cluster(d, started_locally=started)
         resources = {"CPU": d.cpus_per_worker}
         if d.use_gpu:
             resources["GPU"] = d.gpus_per_worker
