@@ -97,7 +97,8 @@ else
   mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
   CPUS_SPEC=${SLURM_JOB_CPUS_PER_NODE:-${SLURM_CPUS_ON_NODE:-1}}
   # SLURM_GPUS_ON_NODE: GPUs of this job on this node; SLURM_GPUS_PER_NODE may be "a100:8".
-  GPUS_PER_NODE=${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE##*:}}
+  GPUS_PER_NODE=${SLURM_GPUS_PER_NODE:-}
+  GPUS_PER_NODE=${SLURM_GPUS_ON_NODE:-${GPUS_PER_NODE##*:}}
   GPUS_PER_NODE=${GPUS_PER_NODE:-0}
   HEAD_NODE=${SLURMD_NODENAME:-$(hostname -s)}
   HEAD_IP=${XBT_RAY_HEAD_IP:-$(hostname -I 2>/dev/null | awk '{print $1}')}
@@ -176,26 +177,15 @@ fi
 export RAY_TRAIN_ENABLE_PRINT_PATCH=${RAY_TRAIN_ENABLE_PRINT_PATCH:-0}
 
 # ---- the commands ------------------------------------------------------------------------
-# A Ray step: `bash -c WRAP ray-step STEP_DIR STOP_REQUEST ray start ...`. The wrapper records
-# its step id, runs Ray with TERM/INT/USR1/USR2 blocked (python sets the mask, then execs; the
-# mask is inherited by raylet, gcs_server and every Ray worker), and turns its own SIGTERM into
-# a stop request. It exits with Ray's status; cleanup ends the step with scancel -s KILL.
-RAY_WRAP='mkdir -p "$1"; echo "${SLURM_STEP_ID:-?}" > "$1/$(hostname -s)"; req=$2; shift 2
-trap "touch \"$req\"" TERM; trap "" USR1 USR2
-python -c "import os, signal, sys
-signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2})
-os.execvp(sys.argv[1], sys.argv[1:])" "$@" &
-pid=$!
-while kill -0 $pid 2>/dev/null; do wait $pid; rc=$?; done
-exit ${rc:-1}'
+# A Ray step runs launchers/ray_step.sh: Ray with TERM blocked, its own TERM -> stop request.
+RAY_STEP=$XBT_HOME/launchers/ray_step.sh
 ray_step() {  # ray_step NODE LOGNAME RAY-START-ARGS... -> the srun command, in array STEP_CMD
   local node=$1 log=$2
   shift 2
   STEP_CMD=(srun --overlap --nodes=1 --ntasks=1 -w "$node" --cpus-per-task="${CPUS_OF[$node]}")
   (( GPUS_PER_NODE > 0 )) && STEP_CMD+=(--gres=gpu:"$GPUS_PER_NODE")
-  STEP_CMD+=(--job-name="xbt-ray-$log" --output="$LOG_DIR/$log.log"
-             bash -c "$RAY_WRAP" ray-step "$STEP_DIR" "$STOP_REQUEST"
-             ray start "$@" "${PORT_ARGS[@]}" "${COMMON_ARGS[@]}")
+  STEP_CMD+=(--job-name="xbt-$log" --output="$LOG_DIR/$log.log"
+             bash "$RAY_STEP" "$STEP_DIR" "$STOP_REQUEST" ray start "$@" "${PORT_ARGS[@]}" "${COMMON_ARGS[@]}")
 }
 ray_step "$HEAD_NODE" ray-head --head --node-ip-address="$HEAD_IP" --port="$GCS_PORT" \
   --num-cpus="${CPUS_OF[$HEAD_NODE]}" --num-gpus="$GPUS_PER_NODE" "${HEAD_ARGS[@]}"

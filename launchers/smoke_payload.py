@@ -104,9 +104,6 @@ def main(argv: list[str] | None = None) -> int:
     def on_signal(signum, _frame):
         stop["signal"] = signal.Signals(signum).name
 
-    signal.signal(signal.SIGUSR1, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-
     ckpt = out / "ckpt.json"
     state = {"step": 0, "acc": 0}
     if args.resume and ckpt.exists():
@@ -116,9 +113,15 @@ def main(argv: list[str] | None = None) -> int:
                             "restart": os.environ.get("SLURM_RESTART_COUNT", "0"),
                             "workers": args.workers, "use_gpu": args.use_gpu}) + "\n")
 
+    signal.signal(signal.SIGUSR1, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     ray_round = None
     if cfg["use_ray"]:
         ray_round = check_ray(args.ray_address, out, keep=cfg["ray_every_step"])
+    # Again after ray.init: it installs a C-level SIGTERM handler that kills the driver (xbt's
+    # run_on_ray re-arms its stop handlers after connecting the same way).
+    signal.signal(signal.SIGUSR1, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
 
     while state["step"] < cfg["steps"]:
         if stop["signal"]:

@@ -38,7 +38,7 @@ def test_ray_and_kuberay_yaml():
 
 
 def test_launch_scripts_are_valid_bash():
-    for script in ["launchers/ray_on_slurm.sh", "launchers/xbt.slurm", "launchers/phi.slurm",
+    for script in ["launchers/ray_on_slurm.sh", "launchers/ray_step.sh", "launchers/xbt.slurm", "launchers/phi.slurm",
                    "cluster/slurm/setup_local_slurm.sh", "cluster/slurm/stop_local_slurm.sh"]:
         subprocess.run(["bash", "-n", str(REPO / script)], check=True)
     for script in ["launchers/xbt.slurm", "launchers/phi.slurm"]:

@@ -224,6 +224,21 @@ def _worker_entry(config: dict) -> None:
         ray.train.report(final)
 
 
+def _restore_stop_handlers() -> None:
+    """ray.init installs a C-level failure handler for SIGTERM in the driver that logs a stack and
+    kills the process, over the Python stop handler the CLI installed (SIGTERM -> STOP file ->
+    checkpoint). Re-arm the Python handlers so that scancel/preemption still checkpoint."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        handler = signal.getsignal(sig)
+        if callable(handler):
+            signal.signal(sig, handler)
+
+
 def run_on_ray(stage_fn: Callable, cfg: RunConfig, resume: bool = False, *, name: str | None = None,
                storage_path: str | None = None, include_dashboard: bool | None = None,
                report_progress: bool = True, shutdown: bool | None = None, **kwargs: Any) -> dict:
@@ -239,6 +254,7 @@ def run_on_ray(stage_fn: Callable, cfg: RunConfig, resume: bool = False, *, name
 
     d = cfg.dist
     started = connect_ray(d, include_dashboard=include_dashboard)
+    _restore_stop_handlers()
     try:
         # Ray would wait forever for bundles that cannot be placed: fail now with the numbers.
         from xbt_dist.dist.placement import check_ray_cluster
