@@ -131,3 +131,21 @@ def test_dry_run_cpu_allocation_and_workers_knob():
     assert "--gres" not in out and "--use-gpu" not in out
     assert "--cpus-per-task=16" in out and "--num-gpus=0" in out
     assert "--workers 4" in out and "plan: ray_workers=4 per_worker=(CPU=1, GPU=0)" in out
+
+
+@pytest.mark.skipif(__import__("shutil").which("srun") is None, reason="submitit picks its SLURM executor only where srun exists")
+def test_submit_dry_run_whole_nodes_and_plan(tmp_path):
+    """`xbt submit ... --dry-run`: submitit's sbatch script asks whole nodes, and the Ray plan of
+    the allocation follows; nothing is submitted."""
+    proc = subprocess.run([sys.executable, str(REPO / "launchers" / "submit.py"), "train",
+                           "configs/paper_b32_l14.yaml", "--nodes", "4", "--gpus-per-node", "8",
+                           "--dry-run", "--cpus-per-node", "128", "--folder", str(tmp_path / "sub")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    for line in ("#SBATCH --exclusive", "#SBATCH --mem=0", "#SBATCH --nodes=4", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --ntasks-per-node=1", "#SBATCH --requeue"):
+        assert line in out, line
+    assert "--cpus-per-task=128 --gres=gpu:8" in out and "--workers 32 --use-gpu" in out
+    assert "plan: placement: OK" in out
+    assert not list((tmp_path / "sub").glob("*.pkl"))  # nothing submitted
