@@ -131,7 +131,11 @@ def test_scancel_term_of_xbt_train_on_ray_checkpoints_requeues_and_resumes(toy_p
     run resumes from that step and finishes with adapters and the eval report."""
     steps = 400
     config = _config(toy_prepared, tmp_path / "run", max_steps=steps, checkpoint_every=0, log_every=2)
-    proc = _sbatch(tmp_path, config, _env(tmp_path))
+    # Shared dev machines: Ray's memory monitor kills actors when *other* processes fill the
+    # node, and DeepSpeed's CPU comm op is JIT-built under one lock that every checkout rebuilds
+    # with its own paths; a private build dir is built once and reused by the requeued run.
+    env = _env(tmp_path, RAY_memory_monitor_refresh_ms="0", TORCH_EXTENSIONS_DIR="/tmp/xbt-slurm-torch-ext")
+    proc = _sbatch(tmp_path, config, env)
     assert proc.returncode == 0, proc.stderr
     job_id = proc.stdout.strip().split(";")[0]
     wait_until(lambda: _last_step(tmp_path) >= 2, 400, "the first run's step 2 on Ray")
