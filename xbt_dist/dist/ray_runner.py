@@ -224,17 +224,23 @@ def _worker_entry(config: dict) -> None:
         ray.train.report(final)
 
 
-def _restore_stop_handlers() -> None:
-    """ray.init installs a C-level failure handler for SIGTERM in the driver that logs a stack and
-    kills the process, over the Python stop handler the CLI installed (SIGTERM -> STOP file ->
-    checkpoint). Re-arm the Python handlers so that scancel/preemption still checkpoint."""
+def _stop_handlers() -> dict:
+    """The driver's SIGTERM/SIGUSR1 handlers now (the CLI's stop handlers: signal -> STOP file)."""
+    import signal
+
+    return {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+
+
+def _restore_stop_handlers(saved: dict) -> None:
+    """ray.init replaces the driver's SIGTERM handler with its own (`sys.exit`) and installs a
+    C-level failure handler over it, so scancel/preemption would kill the driver instead of
+    checkpointing. Put the handlers from before ray.init back (main thread only)."""
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         return
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        handler = signal.getsignal(sig)
+    for sig, handler in saved.items():
         if callable(handler):
             signal.signal(sig, handler)
 
@@ -253,8 +259,9 @@ def run_on_ray(stage_fn: Callable, cfg: RunConfig, resume: bool = False, *, name
     from ray.train.torch import TorchConfig, TorchTrainer
 
     d = cfg.dist
+    saved_handlers = _stop_handlers()
     started = connect_ray(d, include_dashboard=include_dashboard)
-    _restore_stop_handlers()
+    _restore_stop_handlers(saved_handlers)
     try:
         # Ray would wait forever for bundles that cannot be placed: fail now with the numbers.
         from xbt_dist.dist.placement import check_ray_cluster
