@@ -81,9 +81,10 @@ def dry_run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     e = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "XBT_CMD"}
     e.update(env or {})
     return subprocess.run(["bash", str(REPO / "launchers" / "xbt.slurm"), "--dry-run", *args],
-                          cwd=REPO, env=e, capture_output=True, text=True, timeout=120)
+                          cwd=REPO, env=e, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.timeout(900)
 def test_dry_run_paper_4_nodes_x_8_gpus():
     """The GPU branch of the launcher (no GPUs here): sbatch --nodes=4 --gpus-per-node=8 on
     128-CPU nodes -> one Ray node per node with all its CPUs and GPUs, 32 GPU workers."""
@@ -110,6 +111,7 @@ def test_dry_run_paper_4_nodes_x_8_gpus():
     assert "plan: placement: OK" in out
 
 
+@pytest.mark.timeout(900)
 def test_dry_run_impossible_placement_fails_with_fix():
     proc = dry_run("--nodes", "4", "--gpus-per-node", "8", "--cpus-per-node", "32",
                    "configs/paper_b32_l14.yaml")
@@ -122,6 +124,7 @@ def test_dry_run_impossible_placement_fails_with_fix():
     assert proc.returncode == 0 and "plan: placement: OK" in proc.stdout, proc.stdout + proc.stderr
 
 
+@pytest.mark.timeout(900)
 def test_dry_run_cpu_allocation_and_workers_knob():
     """No GPUs: no --gres, no --use-gpu; XBT_WORKERS reaches the stage and the check."""
     proc = dry_run("--nodes", "2", "--cpus-per-node", "16", "configs/toy.yaml",
@@ -133,6 +136,7 @@ def test_dry_run_cpu_allocation_and_workers_knob():
     assert "--workers 4" in out and "plan: ray_workers=4 per_worker=(CPU=1, GPU=0)" in out
 
 
+@pytest.mark.timeout(900)
 @pytest.mark.skipif(__import__("shutil").which("srun") is None, reason="submitit picks its SLURM executor only where srun exists")
 def test_submit_dry_run_whole_nodes_and_plan(tmp_path):
     """`xbt submit ... --dry-run`: submitit's sbatch script asks whole nodes, and the Ray plan of
@@ -140,7 +144,7 @@ def test_submit_dry_run_whole_nodes_and_plan(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "launchers" / "submit.py"), "train",
                            "configs/paper_b32_l14.yaml", "--nodes", "4", "--gpus-per-node", "8",
                            "--dry-run", "--cpus-per-node", "128", "--folder", str(tmp_path / "sub")],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
     for line in ("#SBATCH --exclusive", "#SBATCH --mem=0", "#SBATCH --nodes=4", "#SBATCH --gpus-per-node=8",
