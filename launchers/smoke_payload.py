@@ -8,9 +8,13 @@ SIGUSR1/SIGTERM saves and exits with status 3. Use it to try a new cluster:
 
     XBT_CMD="python launchers/smoke_payload.py" sbatch launchers/xbt.slurm smoke.json
 
-The config is a JSON file: {"out": DIR, "steps": 5, "step_s": 0.2, "use_ray": true}.
+The config is a JSON file: {"out": DIR, "steps": 5, "step_s": 0.2, "use_ray": true,
+"ray_every_step": false}. With ray_every_step every step, and the checkpoint after a stop signal,
+runs a Ray task on every node: the run only checkpoints if the Ray cluster outlived the signal
+(as the real stage needs its Ray workers to write theirs).
 Writes into DIR: ckpt.json (step counter + running value), runs.log (one line per start),
-ray.json (what the Ray cluster looked like), result.json (final value).
+ray.json (what the Ray cluster looked like), stops.log (one line per stop: signal, step, whether
+Ray still answered), result.json (final value).
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ def _write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous checkpoint intact
 
 
-def check_ray(address: str | None, out: Path) -> None:
+def check_ray(address: str | None, out: Path, keep: bool = False):
+    """Join the cluster, run a task on each node; with keep, return a callable that does it again."""
     import ray
 
     ray.init(address=address or "auto", logging_level="ERROR", log_to_driver=False)
@@ -62,12 +67,18 @@ def check_ray(address: str | None, out: Path) -> None:
     # One task pinned to each node: proves every node runs work, not just that it registered.
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    refs = [where.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(i)
-            for i, n in enumerate(nodes)]
-    results = ray.get(refs, timeout=120)
+    def on_every_node(timeout: float = 120) -> list:
+        refs = [where.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(i)
+                for i, n in enumerate(nodes)]
+        return ray.get(refs, timeout=timeout)
+
+    results = on_every_node()
     _write_json(out / "ray.json", {"nodes": len(nodes), "address": address,
                                    "tasks": [list(r) for r in results]})
+    if keep:
+        return on_every_node
     ray.shutdown()
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
 
-    cfg = {"steps": 5, "step_s": 0.2, "use_ray": True}
+    cfg = {"steps": 5, "step_s": 0.2, "use_ray": True, "ray_every_step": False}
     cfg.update(json.loads(Path(args.config).read_text()))
     for item in args.set:
         key, _, value = item.partition("=")
@@ -93,9 +104,6 @@ def main(argv: list[str] | None = None) -> int:
     def on_signal(signum, _frame):
         stop["signal"] = signal.Signals(signum).name
 
-    signal.signal(signal.SIGUSR1, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-
     ckpt = out / "ckpt.json"
     state = {"step": 0, "acc": 0}
     if args.resume and ckpt.exists():
@@ -105,15 +113,29 @@ def main(argv: list[str] | None = None) -> int:
                             "restart": os.environ.get("SLURM_RESTART_COUNT", "0"),
                             "workers": args.workers, "use_gpu": args.use_gpu}) + "\n")
 
+    signal.signal(signal.SIGUSR1, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    ray_round = None
     if cfg["use_ray"]:
-        check_ray(args.ray_address, out)
+        ray_round = check_ray(args.ray_address, out, keep=cfg["ray_every_step"])
+    # Again after ray.init: it installs a C-level SIGTERM handler that kills the driver (xbt's
+    # run_on_ray re-arms its stop handlers after connecting the same way).
+    signal.signal(signal.SIGUSR1, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
 
     while state["step"] < cfg["steps"]:
         if stop["signal"]:
+            ray_ok = None
+            if ray_round is not None:  # the checkpoint needs the Ray cluster, as the real one does
+                ray_ok = len(ray_round(timeout=20)) > 0
+            with open(out / "stops.log", "a") as f:
+                f.write(json.dumps({"signal": stop["signal"], "step": state["step"], "ray_ok": ray_ok}) + "\n")
             _write_json(ckpt, state)
             print(f"smoke_payload: {stop['signal']} at step {state['step']}: checkpointed", flush=True)
             return EXIT_CHECKPOINTED
         time.sleep(cfg["step_s"])
+        if ray_round is not None:
+            ray_round()
         state = {"step": state["step"] + 1, "acc": step_value(state["acc"], state["step"])}
         _write_json(ckpt, state)
     _write_json(out / "result.json", {"acc": state["acc"], "steps": state["step"]})

@@ -3,9 +3,11 @@
     python launchers/submit.py train configs/toy.yaml --nodes 2 --gpus-per-node 8 -- --set train.steps=1000
     python launchers/submit.py pipeline configs/toy.yaml --wait
     python launchers/submit.py train configs/toy.yaml --local --wait     # no SLURM on this machine
+    python launchers/submit.py train configs/paper_b32_l14.yaml --nodes 4 --gpus-per-node 8 \
+        --dry-run --cpus-per-node 128     # the sbatch script and the Ray plan; submits nothing
 
 On SLURM each job runs `launchers/ray_on_slurm.sh` (the same Ray-cluster logic as
-`sbatch launchers/xbt.slurm`); with `--local` submitit's local executor runs the stage directly
+`sbatch launchers/xbt.slurm`) on whole nodes (`--exclusive --mem=0`, one task per node); with `--local` submitit's local executor runs the stage directly
 and the stage starts its own Ray. Requeue: submitit sends SIGUSR2 before the time limit (or on
 preemption); `StageJob.checkpoint` forwards SIGUSR1 to the stage, which writes its checkpoint,
 and returns a fresh `StageJob` that submitit requeues; it resumes with `--resume`.
@@ -120,7 +122,9 @@ def make_executor(folder: str | Path, *, local: bool = False, name: str = "xbt",
     if cpus_per_task:
         params["cpus_per_task"] = cpus_per_task
     if executor.cluster == "slurm":
-        extra = {"requeue": True, **(slurm_additional or {})}
+        # Whole nodes, as launchers/*.slurm: Ray advertises every CPU and GPU of each node.
+        params["slurm_exclusive"] = True
+        extra = {"requeue": True, "mem": "0", **(slurm_additional or {})}
         if dependency:
             extra["dependency"] = dependency
         params["slurm_additional_parameters"] = extra
@@ -161,6 +165,31 @@ def submit_pipeline(config: str | Path | Mapping[str, str], args: Sequence[str] 
     return jobs
 
 
+def dry_run(stages: Sequence[str], config: str, args: Sequence[str], *, folder: str, local: bool,
+            cpus_per_node: int | None = None, **executor_kw) -> int:
+    """Print what would be submitted (submitit's sbatch script) and the Ray plan of each stage."""
+    rc = 0
+    for stage in stages:
+        executor = make_executor(folder, local=local, name=f"xbt-{stage}", **executor_kw)
+        print(f"# ---- {stage}: executor {executor.cluster}")
+        if executor.cluster == "slurm":
+            print(executor._executor._make_submission_file_text(  # what submitit would sbatch
+                executor._executor._submitit_command_str, "DRYRUN"))
+        job = StageJob(stage, str(config), args)
+        on_slurm = executor.cluster == "slurm"
+        print(f"# the job runs: {' '.join(job.command(on_slurm))}", flush=True)
+        if on_slurm:
+            plan = ["bash", str(LAUNCHERS / "ray_on_slurm.sh"), "--dry-run",
+                    "--nodes", str(executor_kw.get("nodes", 1)),
+                    "--gpus-per-node", str(executor_kw.get("gpus_per_node") or 0)]
+            if cpus_per_node:
+                plan += ["--cpus-per-node", str(cpus_per_node)]
+            env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+            env["XBT_HOME"] = str(LAUNCHERS.parent)
+            rc = max(rc, subprocess.run([*plan, stage, str(config), *args], env=env).returncode)
+    return rc
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Submit xbt stages with submitit.",
                                 epilog="Arguments after -- go to the stage (e.g. -- --set train.steps=10).")
@@ -174,6 +203,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--timeout-min", type=int, default=int(os.environ.get("XBT_TIMEOUT_MIN", "240")))
     p.add_argument("--partition", default=os.environ.get("XBT_PARTITION"))
     p.add_argument("--wait", action="store_true", help="wait for the job(s) and print the results")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the sbatch script and the Ray plan (ray_on_slurm.sh --dry-run); submit nothing")
+    p.add_argument("--cpus-per-node", type=int,
+                   help="with --dry-run: CPUs of one node, for the plan (default: this machine's)")
     argv = list(sys.argv[1:] if argv is None else argv)
     stage_args: list[str] = []
     if "--" in argv:
@@ -182,6 +215,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     kw = dict(folder=a.folder, local=a.local, nodes=a.nodes, gpus_per_node=a.gpus_per_node,
               cpus_per_task=a.cpus_per_task, timeout_min=a.timeout_min, partition=a.partition)
+    if a.dry_run:
+        stages = [s for s in PIPELINE if s != "embed"] if a.stage == "pipeline" else [a.stage]
+        return dry_run(stages, a.config, stage_args, cpus_per_node=a.cpus_per_node, **kw)
     if a.stage == "pipeline":
         jobs = submit_pipeline(a.config, stage_args, **kw)
     else:

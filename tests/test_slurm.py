@@ -177,3 +177,76 @@ def test_submitit_preemption_checkpoints_and_resumes(tmp_path):
     job._interrupt(timeout=True)  # what SLURM sends slurm_signal_delay_s before the time limit
     assert job.result()["returncode"] == 0
     assert_resumed_run(tmp_path, steps)
+
+
+def _scancel_steps_term(job_id: str) -> None:
+    subprocess.run(["scancel", "--signal=TERM", job_id], check=True)
+
+
+def _scontrol_requeue(job_id: str) -> None:
+    subprocess.run(["scontrol", "requeue", job_id], check=True)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("stop", [_scancel_steps_term, _scontrol_requeue], ids=["scancel-TERM", "requeue"])
+def test_sigterm_keeps_ray_up_checkpoints_and_resumes(tmp_path, stop):
+    """SIGTERM with the job's Ray cluster up: `scancel --signal=TERM` (the Ray steps only) and
+    `scontrol requeue` (every process of the job). Ray must outlive the signal (the payload runs
+    a Ray task on the node at every step and again while checkpointing), the stage checkpoints,
+    and the job comes back (self-requeue resp. SLURM's requeue) and resumes to the same result."""
+    steps = 40
+    cfg = payload_config(tmp_path, steps=steps, step_s=0.5, use_ray=True, ray_every_step=True)
+    proc = sbatch(tmp_path, cfg)
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.strip().split(";")[0]
+    out = tmp_path / "out"
+    wait_until(lambda: ckpt_step(out) >= 3, 150, "the first run to reach step 3")
+    stop(job_id)
+    wait_until(lambda: job_gone(job_id), 240, f"job {job_id} to come back and finish", poll=2)
+    assert_resumed_run(tmp_path, steps)
+    stops = [json.loads(line) for line in (out / "stops.log").read_text().splitlines()]
+    assert stops == [{"signal": "SIGTERM", "step": stops[0]["step"], "ray_ok": True}], stops
+    job_txt = (tmp_path / "logs" / job_id / "job.txt").read_text()
+    assert "got SIGTERM" in job_txt, job_txt
+    if stop is _scancel_steps_term:  # only the Ray steps were signalled: the job requeued itself
+        assert "a Ray step got SIGTERM" in job_txt and f"requeueing job {job_id}" in job_txt, job_txt
+    else:  # SLURM requeued the job; the script must not requeue it a second time
+        assert "requeueing job" not in job_txt and "SLURM decides" in job_txt, job_txt
+
+
+@pytest.mark.timeout(120)
+def test_impossible_placement_fails_fast_before_ray(tmp_path):
+    """3 workers x 2 CPUs on the 2-CPU node: the job ends at once with the numbers and the fix,
+    without starting Ray (today's alternative: Ray waits for the bundles forever)."""
+    env = {k: v for k, v in launcher_env(tmp_path).items() if k != "XBT_CMD"}
+    cpus = int(subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True).stdout.split()[0])
+    workers = cpus + 1
+    proc = subprocess.run(["sbatch", "--wait", "--parsable", "-o", str(tmp_path / "slurm-%j.out"),
+                           str(LAUNCHERS / "xbt.slurm"), str(REPO / "configs" / "toy.yaml"),
+                           "--set", f"dist.workers={workers}", "dist.cpus_per_worker=2",
+                           f"out_dir={tmp_path / 'run'}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=110)
+    job_id = proc.stdout.strip().split(";")[0]
+    assert proc.returncode != 0
+    log = slurm_logs(tmp_path)
+    assert f"{workers} workers x (2 CPUs) do not fit the allocation" in log, log
+    assert f"{workers} workers x 2 CPUs = {2 * workers} > {cpus} CPUs in the allocation" in log, log
+    assert f"use --workers {cpus // 2}" in log and "nothing started" in log, log
+    assert not (tmp_path / "logs" / job_id / "ray-head.log").exists()  # Ray never started
+
+
+@pytest.mark.timeout(120)
+def test_dry_run_in_allocation_prints_plan(tmp_path):
+    """`sbatch xbt.slurm --dry-run CONFIG`: the plan for the real allocation, nothing started."""
+    env = {k: v for k, v in launcher_env(tmp_path).items() if k != "XBT_CMD"}
+    cpus = int(subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True).stdout.split()[0])
+    proc = subprocess.run(["sbatch", "--wait", "--parsable", "-o", str(tmp_path / "slurm-%j.out"),
+                           str(LAUNCHERS / "xbt.slurm"), "--dry-run", str(REPO / "configs" / "toy.yaml"),
+                           "--set", "dist.workers=1", f"out_dir={tmp_path / 'run'}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=110)
+    log = slurm_logs(tmp_path)
+    assert proc.returncode == 0, proc.stderr + log
+    assert f"plan: cpus_per_node={cpus} gpus_per_node=0" in log, log
+    assert f"--cpus-per-task={cpus}" in log and f"--num-cpus={cpus}" in log and "--gres" not in log, log
+    assert "plan: placement: OK" in log and "plan: dry run, nothing started" in log, log
+    assert "kill_wait_s=30" in log, log  # the local cluster's KillWait: the stage's time to checkpoint

@@ -115,3 +115,39 @@ def test_submitit_runs_xbt_train(toy_prepared, tmp_path):
                               env={"XBT_RAY_CLUSTER": "0", "XBT_LOG_DIR": str(tmp_path / "logs")})
     assert job.result()["returncode"] == 0
     assert (tmp_path / "run" / "train" / "adapters.pt").is_file()
+
+
+def _last_step(tmp_path) -> int:
+    import re
+    steps = re.findall(r"\[train(?::\w+)?\] step (\d+)/", slurm_logs(tmp_path))
+    return int(steps[-1]) if steps else -1
+
+
+@pytest.mark.timeout(1500)
+def test_scancel_term_of_xbt_train_on_ray_checkpoints_requeues_and_resumes(toy_prepared, tmp_path):
+    """Issue 10 item 6: `scancel --signal=TERM` of a running `xbt train` on the job's Ray
+    cluster. No periodic checkpoints (checkpoint_every=0), so the only checkpoint the resumed run
+    can find is the one the Ray workers wrote on the signal; the job requeues itself, the second
+    run resumes from that step and finishes with adapters and the eval report."""
+    steps = 400
+    config = _config(toy_prepared, tmp_path / "run", max_steps=steps, checkpoint_every=0, log_every=2)
+    # Shared dev machines: Ray's memory monitor kills actors when *other* processes fill the
+    # node, and DeepSpeed's CPU comm op is JIT-built under one lock that every checkout rebuilds
+    # with its own paths; a private build dir is built once and reused by the requeued run.
+    env = _env(tmp_path, RAY_memory_monitor_refresh_ms="0", TORCH_EXTENSIONS_DIR="/tmp/xbt-slurm-torch-ext")
+    proc = _sbatch(tmp_path, config, env)
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.strip().split(";")[0]
+    wait_until(lambda: _last_step(tmp_path) >= 2, 600, "the first run's step 2 on Ray")
+    subprocess.run(["scancel", "--signal=TERM", job_id], check=True)
+    wait_until(lambda: job_gone(job_id), 720, f"job {job_id} to requeue itself and finish", poll=3)
+    log = slurm_logs(tmp_path)
+    assert "--ray-address" in log
+    import re
+    stopped = re.search(r"checkpointed at step (\d+) on request", log)
+    resumed = re.search(r"resumed from step_0*(\d+) at step (\d+)", log)
+    assert stopped and resumed, log
+    assert 0 < int(stopped.group(1)) < steps and resumed.group(2) == stopped.group(1), log
+    assert f"requeueing job {job_id}" in (tmp_path / "logs" / job_id / "job.txt").read_text()
+    assert (tmp_path / "run" / "train" / "adapters.pt").is_file(), log
+    assert (tmp_path / "run" / "eval" / "report.md").is_file(), log

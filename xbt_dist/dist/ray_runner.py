@@ -10,6 +10,9 @@ KubeRay, `ray start`), or starts a local Ray with the dashboard bound to 127.0.0
 `WorkerContext` from `ray.train.get_context()` with the DeepSpeed backend factory and calls
 `stage_fn(cfg, ctx, resume=...)`. Rank 0's returned dict comes back as the result.
 
+Before the trainer starts, `placement.check_ray_cluster` checks that `dist.workers` x
+(cpus_per_worker, gpus_per_worker) fit the cluster's nodes (Ray would otherwise wait forever).
+
 Fault tolerance: Ray's `FailureConfig(max_failures)` restarts the whole worker group after a
 worker dies. Ray checkpoints are not used: the stage's own `Checkpointer` (under cfg.out_dir) is
 the source of truth, so a restarted group calls the stage with `resume=True` and it continues
@@ -222,6 +225,27 @@ def _worker_entry(config: dict) -> None:
         ray.train.report(final)
 
 
+def _stop_handlers() -> dict:
+    """The driver's SIGTERM/SIGUSR1 handlers now (the CLI's stop handlers: signal -> STOP file)."""
+    import signal
+
+    return {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+
+
+def _restore_stop_handlers(saved: dict) -> None:
+    """ray.init replaces the driver's SIGTERM handler with its own (`sys.exit`) and installs a
+    C-level failure handler over it, so scancel/preemption would kill the driver instead of
+    checkpointing. Put the handlers from before ray.init back (main thread only)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig, handler in saved.items():
+        if callable(handler):
+            signal.signal(sig, handler)
+
+
 def run_on_ray(stage_fn: Callable, cfg: RunConfig, resume: bool = False, *, name: str | None = None,
                storage_path: str | None = None, include_dashboard: bool | None = None,
                report_progress: bool = True, shutdown: bool | None = None, **kwargs: Any) -> dict:
@@ -236,8 +260,13 @@ def run_on_ray(stage_fn: Callable, cfg: RunConfig, resume: bool = False, *, name
     from ray.train.torch import TorchConfig, TorchTrainer
 
     d = cfg.dist
+    saved_handlers = _stop_handlers()
     started = connect_ray(d, include_dashboard=include_dashboard)
+    _restore_stop_handlers(saved_handlers)
     try:
+        # Ray would wait forever for bundles that cannot be placed: fail now with the numbers.
+        from xbt_dist.dist.placement import check_ray_cluster
+        check_ray_cluster(d, started_locally=started)
         resources = {"CPU": d.cpus_per_worker}
         if d.use_gpu:
             resources["GPU"] = d.gpus_per_worker
