@@ -16,6 +16,13 @@ the source of truth, so a restarted group calls the stage with `resume=True` and
 from `latest`. A restart is detected with per-launch marker files (a rank that finds its marker
 from an earlier attempt is on attempt > 0); they live under the Ray storage path, which must be
 shared by all nodes (as cfg.out_dir must).
+
+Fatal errors: Ray Train v2's default failure policy retries every worker error until
+`max_failures` is spent; it has no notion of an error no restart can fix. A stage that stops on
+too much bad data (`DataBudgetExceeded`) would therefore fail again at the same sample on every
+restart. So the failing rank first writes a per-launch marker (`FATAL.json` under the Ray storage
+path, through fsspec), then raises; a restarted group finds the marker and returns at once
+without running the stage, and the driver raises the original error and message.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from xbt_dist.config import DistConfig, RunConfig
 from xbt_dist.train.checkpoint import is_remote
 
 RESULT_FILE = "result.json"
+FATAL_FILE = "FATAL.json"
 
 # Driver environment variables forwarded to workers (Ray workers do not inherit the driver's env).
 FORWARD_ENV_PREFIXES = ("XBT_", "DS_", "NCCL_", "GLOO_", "TORCH_", "OMP_NUM_THREADS")
@@ -106,6 +114,28 @@ def _attempt(marker_dir: str | None, rank: int) -> int:
             return n
         except FileExistsError:
             n += 1
+
+
+def _read_fatal(marker: str | None) -> str | None:
+    """The message of a fatal error an earlier attempt of this launch recorded, or None."""
+    import fsspec
+    if marker is None:
+        return None
+    fs, path = fsspec.core.url_to_fs(marker)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r") as f:
+        return json.load(f)["error"]
+
+
+def _write_fatal(marker: str | None, error: BaseException) -> None:
+    import fsspec
+    if marker is None:
+        return
+    fs, path = fsspec.core.url_to_fs(marker)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "w") as f:
+        json.dump({"error": str(error), "type": type(error).__name__}, f)
 
 
 def _seed_everything(seed: int) -> None:
@@ -200,13 +230,22 @@ def _worker_entry(config: dict) -> None:
                         make_backend=make_deepspeed_backend(cfg.dist, world_size, on_gpu),
                         report=report if config["report"] else None,
                         barrier=dist.barrier, any_rank=any_rank, gather=gather)
+    from xbt_dist.data.stream import DataBudgetExceeded
     from xbt_dist.train.loop import StopRequested
+    fatal = _read_fatal(config.get("fatal_marker"))
     try:
-        result = config["stage_fn"](cfg, ctx, resume=bool(config["resume"] or attempt > 0), **config["kwargs"])
+        if fatal is not None:  # an earlier attempt hit an error no restart fixes: do not run again
+            result = {"fatal": fatal}
+        else:
+            result = config["stage_fn"](cfg, ctx, resume=bool(config["resume"] or attempt > 0),
+                                        **config["kwargs"])
     except StopRequested as e:
         # A requested stop (preemption) is not a failure: Ray must not restart the group, the
         # driver re-raises it so the launcher requeues the job.
         result = {"stopped": str(e)}
+    except DataBudgetExceeded as e:
+        _write_fatal(config.get("fatal_marker"), e)
+        raise
     final = _json_safe({**dict(result or {}), "rank": rank, "world_size": world_size,
                         "attempt": attempt, "final": True})
     # Ray Train v2 hands back only metrics that come with a checkpoint, so rank 0 attaches a
@@ -243,11 +282,13 @@ def run_on_ray(stage_fn: Callable, cfg: RunConfig, resume: bool = False, *, name
         run_name = name or f"{cfg.name}-{getattr(stage_fn, '__name__', 'stage')}-{uuid.uuid4().hex[:8]}"
         storage = _storage_path(cfg, storage_path)
         marker_dir = None if is_remote(storage) else f"{storage}/{run_name}/attempts"
+        fatal_marker = f"{_storage_path(cfg, storage_path).rstrip('/')}/{run_name}/{FATAL_FILE}"
         env = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_ENV_PREFIXES)}
         trainer = TorchTrainer(
             _worker_entry,
             train_loop_config={"stage_fn": stage_fn, "cfg": cfg, "resume": resume, "kwargs": kwargs,
                                "env": env, "marker_dir": marker_dir, "report": report_progress,
+                               "fatal_marker": fatal_marker,
                                "cwd": os.getcwd()},
             scaling_config=ray.train.ScalingConfig(num_workers=d.workers, use_gpu=d.use_gpu,
                                                    resources_per_worker=resources),
@@ -258,14 +299,20 @@ def run_on_ray(stage_fn: Callable, cfg: RunConfig, resume: bool = False, *, name
                 logging_config=ray.train.LoggingConfig(log_level="WARNING"),
                 failure_config=ray.train.FailureConfig(max_failures=d.max_failures)),
         )
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except Exception as e:
+            _raise_fatal(fatal_marker, e)
+            raise
         if result.error is not None:
+            _raise_fatal(fatal_marker, result.error)
             raise result.error
         if result.checkpoint is not None:
             with result.checkpoint.as_directory() as d:
                 out = json.loads(Path(d, RESULT_FILE).read_text())
         else:
             out = dict(result.metrics or {})
+        _raise_fatal(fatal_marker, None)
         if "stopped" in out:
             from xbt_dist.train.loop import StopRequested
             raise StopRequested(out["stopped"])
@@ -273,3 +320,11 @@ def run_on_ray(stage_fn: Callable, cfg: RunConfig, resume: bool = False, *, name
     finally:
         if shutdown if shutdown is not None else started:
             ray.shutdown()
+
+
+def _raise_fatal(marker: str, cause: BaseException | None) -> None:
+    """Re-raise, on the driver, the fatal error a worker recorded (see the module docstring)."""
+    msg = _read_fatal(marker)
+    if msg is not None:
+        from xbt_dist.data.stream import DataBudgetExceeded
+        raise DataBudgetExceeded(msg) from cause
