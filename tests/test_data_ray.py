@@ -9,8 +9,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import cloudpickle
 import pytest
+import ray.cloudpickle
 
 from xbt_dist.config import DistConfig, RunConfig
 from xbt_dist.data.cursor import epoch_order, slot_shards
@@ -20,8 +20,8 @@ from xbt_dist.dist import testing as T
 from xbt_dist.dist.ray_runner import run_on_ray
 
 pytestmark = pytest.mark.timeout(900)
-# Ray workers cannot import this test module: ship the stage function by value.
-cloudpickle.register_pickle_by_value(sys.modules[__name__])
+# Ray workers cannot import this test module: ship the stage function by value (Ray's own cloudpickle).
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 N_SHARDS, PER_SHARD = 8, 16
 

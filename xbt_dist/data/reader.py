@@ -100,19 +100,23 @@ class UnitReader:
                 return
         failures = 0
         while True:
+            skip = 0
             try:
                 with fsspec.open(_strip_file(path), "rb") as f:
                     members, skip = self._members(f, offset, index)
-                    for start, nxt, s in group_samples(members, path, keep_partial=False):
+                    grouped = group_samples(members, path, keep_partial=True)
+                    for start, nxt, s in grouped:
+                        if nxt is None:  # the tar's last sample, or one a read error cut short
+                            try:
+                                next(grouped, None)
+                            except Exception as e:
+                                e.partial = s  # kept if the tar is truncated, re-read on a retry
+                                raise
                         if skip:
                             skip -= 1
                             continue
                         failures = 0
-                        if tgt is not None:
-                            rows = tgt.rows(s["__key__"], self.fields.values())
-                            s["_emb"] = None if rows is None else {o: rows[f] for o, f in self.fields.items()}
-                        self._read += 1
-                        yield start, index, nxt, s
+                        yield start, index, nxt, self._join(tgt, s)
                         offset, index = (nxt if nxt is not None else offset), index + 1
                 self._units_done += 1
                 return
@@ -122,9 +126,16 @@ class UnitReader:
                 self.count_bad(path, reason, self._remaining(path, index, unit))
                 return
             except (tarfile.TarError, EOFError, zlib.error) as e:
+                partial = None if skip else getattr(e, "partial", None)
                 log.warning("truncated or corrupt shard %s at sample %d (%s: %s); rest skipped",
                             path, index, type(e).__name__, e)
-                self.count_bad(path, "truncated_shard", self._remaining(path, index, unit))
+                # counted first: a consumer may stop at the sample below and never come back
+                self.count_bad(path, "truncated_shard",
+                               self._remaining(path, index + (partial is not None), unit))
+                if partial is not None:
+                    # like webdataset, keep what was read: a sample that lost members is
+                    # rejected by decoding, a complete one before the cut is good
+                    yield offset, index, None, self._join(tgt, partial)
                 return
             except OSError as e:  # fsspec wraps network failures as OSError subclasses
                 failures += 1
@@ -137,6 +148,14 @@ class UnitReader:
                 log.warning("read error in shard %s at sample %d (%s: %s); retry %d/%d in %.2fs",
                             path, index, type(e).__name__, e, failures, self.retries, wait)
                 time.sleep(wait)
+
+    def _join(self, tgt, s: dict) -> dict:
+        """Attach the sample's embedding rows (None when its key is missing from them)."""
+        if tgt is not None:
+            rows = tgt.rows(s["__key__"], self.fields.values())
+            s["_emb"] = None if rows is None else {o: rows[f] for o, f in self.fields.items()}
+        self._read += 1
+        return s
 
     def _remaining(self, path: str, index: int, unit) -> float:
         """Samples a unit loses when its shard fails at sample `index`."""
