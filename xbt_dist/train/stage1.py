@@ -98,7 +98,9 @@ def run_stage1(cfg: RunConfig, ctx: WorkerContext | None = None, resume: bool = 
         d_new, d_old = new.embed_dim, old.embed_dim
         stream = SampleStream(s1.text_shards, mode="text", batch_size=local_batch,
                               rank=ctx.rank, world_size=ctx.world_size, seed=cfg.train.seed,
-                              shuffle_buffer=4096, drop_last=True, num_workers=loaders)
+                              shuffle_buffer=4096, drop_last=True, num_workers=loaders,
+                              max_bad_fraction=cfg.data.max_bad_fraction,
+                              read_retries=cfg.data.read_retries)
 
         @torch.no_grad()
         def encode(captions):  # both frozen text towers, each with its own tokenizer

@@ -115,7 +115,8 @@ def run_stage2(cfg: RunConfig, ctx: WorkerContext | None = None, resume: bool = 
                           tokenizer=new.tokenizer, targets=tc.targets if targets else None,
                           rank=ctx.rank, world_size=ctx.world_size, num_workers=tc.num_workers,
                           seed=tc.seed, shuffle_buffer=tc.shuffle_buffer, resampled=tc.resampled,
-                          drop_last=True)
+                          drop_last=True, max_bad_fraction=cfg.data.max_bad_fraction,
+                          read_retries=cfg.data.read_retries)
     sizes = shard_sizes(tc.train_shards)
     n = tc.samples_per_epoch or (sum(sizes.values()) if sizes else 0)
     if not n:
