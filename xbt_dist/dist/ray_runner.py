@@ -38,8 +38,9 @@ from typing import Any, Callable
 
 import torch
 
+from xbt_dist import storage
 from xbt_dist.config import DistConfig, RunConfig
-from xbt_dist.train.checkpoint import is_remote
+from xbt_dist.storage import is_remote
 
 RESULT_FILE = "result.json"
 FATAL_FILE = "FATAL.json"
@@ -102,18 +103,19 @@ def _json_safe(d: dict) -> dict:
 
 
 def _attempt(marker_dir: str | None, rank: int) -> int:
-    """0 on the first start of this rank in this launch, 1+ after Ray restarted the group."""
+    """0 on the first start of this rank in this launch, 1+ after Ray restarted the group.
+
+    Only rank r writes rank r's markers, and Ray never runs two rank-r workers at once, so "the
+    first free n" needs no exclusive create: it works on any fsspec storage (an object store
+    has no O_EXCL), which an `out_dir: s3://...` run's Ray storage is.
+    """
     if marker_dir is None:
         return 0
-    d = Path(marker_dir)
-    d.mkdir(parents=True, exist_ok=True)
     n = 0
-    while True:
-        try:  # O_EXCL: the first creator of attempt n's marker is attempt n
-            os.close(os.open(d / f"rank{rank:05d}.attempt{n}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            return n
-        except FileExistsError:
-            n += 1
+    while storage.exists(storage.join(marker_dir, f"rank{rank:05d}.attempt{n}")):
+        n += 1
+    storage.write_text(storage.join(marker_dir, f"rank{rank:05d}.attempt{n}"), "")
+    return n
 
 
 def _read_fatal(marker: str | None) -> str | None:
@@ -280,8 +282,8 @@ def run_on_ray(stage_fn: Callable, cfg: RunConfig, resume: bool = False, *, name
         if d.use_gpu:
             resources["GPU"] = d.gpus_per_worker
         run_name = name or f"{cfg.name}-{getattr(stage_fn, '__name__', 'stage')}-{uuid.uuid4().hex[:8]}"
-        storage = _storage_path(cfg, storage_path)
-        marker_dir = None if is_remote(storage) else f"{storage}/{run_name}/attempts"
+        storage_url = _storage_path(cfg, storage_path)
+        marker_dir = f"{storage_url}/{run_name}/attempts"
         fatal_marker = f"{_storage_path(cfg, storage_path).rstrip('/')}/{run_name}/{FATAL_FILE}"
         env = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_ENV_PREFIXES)}
         trainer = TorchTrainer(
@@ -294,7 +296,7 @@ def run_on_ray(stage_fn: Callable, cfg: RunConfig, resume: bool = False, *, name
                                                    resources_per_worker=resources),
             torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
             run_config=ray.train.RunConfig(
-                name=run_name, storage_path=storage,
+                name=run_name, storage_path=storage_url,
                 # WARNING: not Ray Train's INFO line per report (our progress line says it better)
                 logging_config=ray.train.LoggingConfig(log_level="WARNING"),
                 failure_config=ray.train.FailureConfig(max_failures=d.max_failures)),
