@@ -165,3 +165,26 @@ def test_augmentation_independent_of_workers_and_start(tmp_path):
     e0 = {k: img for b in s for k, img in zip(b["keys"], b["images"])}
     e1 = {k: img for b in s for k, img in zip(b["keys"], b["images"])}
     assert sum(not torch.equal(e0[k], e1[k]) for k in e0) > len(e0) // 2
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_stream_leaves_the_training_rng_alone(tmp_path, num_workers):
+    """Reading (and resuming) draws nothing from the global torch/Python RNGs: a resumed run's
+    dropout and noise continue exactly where the checkpoint's RNG state left them."""
+    import random
+    write_image_text_shards(tmp_path, n_shards=2, per_shard=5)
+    torch.manual_seed(0)
+    random.seed(0)
+    expected = (torch.rand(3), random.random())
+    torch.manual_seed(0)
+    random.seed(0)
+    s = stream(tmp_path, transform=AUGMENT, num_workers=num_workers)
+    it = iter(s)
+    next(it)
+    again = stream(tmp_path, transform=AUGMENT, num_workers=num_workers)
+    again.load_state_dict([s.state_dict()])
+    list(again)
+    got = (torch.rand(3), random.random())
+    assert torch.equal(got[0], expected[0]) and got[1] == expected[1], "the stream moved the RNG"
+    s.close()
+    again.close()

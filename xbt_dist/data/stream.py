@@ -282,11 +282,19 @@ class ShardBatchDataset(IterableDataset):
         return out
 
     def _augment(self, image, ref: tuple, epoch: int):
-        """The transform under RNGs seeded from the sample itself (see `sample_seed`). The global
-        states are put back: in-process (num_workers=0) they are the training loop's."""
+        """The transform under RNGs seeded from the sample itself (see `sample_seed`).
+
+        `default_generator.manual_seed`, not `torch.manual_seed` (which also seeds every
+        accelerator: 0.8 ms a sample). In-process (num_workers=0) the global states are the
+        training loop's, so they are put back; a DataLoader worker's are its own.
+        """
         seed = sample_seed(self.seed, epoch, shard_name(self.shards[ref[0]]), ref[2], ref[3])
+        if get_worker_info() is not None:
+            torch.default_generator.manual_seed(seed)
+            random.seed(seed)
+            return self.transform(image)
         torch_state, py_state = torch.get_rng_state(), random.getstate()
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         random.seed(seed)
         try:
             return self.transform(image)
@@ -409,9 +417,13 @@ class SampleStream:
             # collate_fn: batches are ready-made; DataLoader's default would walk every key and
             # caption string of every batch. Persistent workers keep their processes, imports and
             # open state across epochs; each new pass is the next epoch (ShardBatchDataset.__iter__).
+            # generator: the DataLoader draws its workers' base seed from it at every new iterator;
+            # from the global torch RNG (the default) a resumed run would draw once more than an
+            # uninterrupted one and shift the training loop's random stream.
             self._loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers,
                                       collate_fn=_as_is, pin_memory=self.pin_memory,
-                                      persistent_workers=self.num_workers > 0)
+                                      persistent_workers=self.num_workers > 0,
+                                      generator=torch.Generator().manual_seed(ds.seed))
         self._loader_next_epoch = None
         it = iter(self._loader)
         for w, batch in self._in_turn(it):
@@ -570,7 +582,8 @@ class SampleStream:
         ds.epoch = self.epoch
         ds.start = list(self._consumed) if any(self._consumed) else []
         loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,
-                            pin_memory=self.pin_memory, persistent_workers=False)
+                            pin_memory=self.pin_memory, persistent_workers=False,
+                            generator=torch.Generator().manual_seed(ds.seed))
         for batch in loader:
             w = batch.pop("_worker")
             self._consumed[w] = batch.pop("_pos")
