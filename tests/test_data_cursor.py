@@ -188,3 +188,20 @@ def test_stream_leaves_the_training_rng_alone(tmp_path, num_workers):
     assert torch.equal(got[0], expected[0]) and got[1] == expected[1], "the stream moved the RNG"
     s.close()
     again.close()
+
+
+def test_resampled_resume_continues_the_same_draws(tmp_path):
+    """Resampled (endless) streams resume mid-stream too: same shards drawn, same pixels."""
+    write_image_text_shards(tmp_path, n_shards=3, per_shard=4)
+    kw = dict(transform=AUGMENT, resampled=True, shuffle_buffer=3)
+    it = iter(stream(tmp_path, **kw))
+    ref = [next(it) for _ in range(12)]
+    s = stream(tmp_path, **kw)
+    it = iter(s)
+    head = [next(it) for _ in range(5)]
+    again = stream(tmp_path, **kw)
+    again.load_state_dict([s.state_dict()])
+    it2 = iter(again)
+    got = head + [next(it2) for _ in range(7)]
+    assert [b["keys"] for b in got] == [b["keys"] for b in ref]
+    assert all(torch.equal(a["images"], b["images"]) for a, b in zip(got, ref))

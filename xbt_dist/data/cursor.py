@@ -103,7 +103,7 @@ def to_named(slot: dict, shards: Sequence[str], table: dict[str, int]) -> dict[s
             a[i, 0] = table.setdefault(shards[int(a[i, 0])], len(table))
         return a.tolist()
     return {"units": rows(slot["units"]), "buffer": rows(slot["buffer"]), "rng": slot["rng"],
-            "done": bool(slot["done"])}
+            "done": bool(slot["done"]), "draws": int(slot.get("draws", 0))}
 
 
 def from_named(slot: dict, names: Sequence[str], index: dict[str, int]) -> dict[str, Any]:
@@ -115,7 +115,7 @@ def from_named(slot: dict, names: Sequence[str], index: dict[str, int]) -> dict[
             a[i, 0] = index.setdefault(names[int(a[i, 0])], len(index))
         return a
     return {"units": rows(slot["units"], UNIT_COLS), "buffer": rows(slot["buffer"], REF_COLS),
-            "rng": slot["rng"], "done": bool(slot["done"])}
+            "rng": slot["rng"], "done": bool(slot["done"]), "draws": int(slot.get("draws", 0))}
 
 
 class SlotCursor:
