@@ -7,6 +7,10 @@ or `tarfile`, so this reads the 512-byte headers directly: ustar/GNU names and s
 and `size` records, GNU long names. Checksums are verified, so a corrupt header raises
 `tarfile.ReadError` and a shard cut short raises `EOFError`, as `tarfile` would. Compressed tars
 (gzip, bzip2, xz) go through `tarfile`, which decompresses.
+
+`iter_tar_members` also reports each member's byte offset, so a reader can stop anywhere and a
+later one seek straight back (the training stream's data cursor, data/cursor.py); compressed
+tars report -1 (no seeking inside a compressed stream).
 """
 
 from __future__ import annotations
