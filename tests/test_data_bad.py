@@ -30,15 +30,16 @@ def targets_for(out_dir, paths, per_shard, drop_key=None):
 
 
 def test_shard_deleted_mid_epoch_is_skipped_and_counted(tmp_path):
-    paths = write_image_text_shards(tmp_path, n_shards=4, per_shard=6)
+    paths = write_image_text_shards(tmp_path, n_shards=4, per_shard=20)
     s = SampleStream(tmp_path, batch_size=3, transform=TO_TENSOR, num_workers=2, shuffle_buffer=2)
-    # the last shard of worker 1 this epoch: not opened after the first batch (shards of 6, lookahead 3)
+    # the last shard of worker 1 this epoch: not opened after the first batch (a worker reads at
+    # most 2 prefetched + 1 batch + the buffer + 1 = 12 samples ahead, its first shard holds 20)
     victim = paths[slot_shards(epoch_order(4, 0, 0, True), 0, 1, 1, 2)[-1]]
     it = iter(s)
     keys = keys_of([next(it)])
     os.remove(victim)
     keys += keys_of(list(it))
-    assert len(keys) == len(set(keys)) == 18
+    assert len(keys) == len(set(keys)) == 60
     assert not any(k.startswith(f"{paths.index(victim):03d}") for k in keys)
     assert s.skipped == Counter(missing_shard=1)
     assert list(s.bad_files) == [f"{victim} (missing_shard)"]
