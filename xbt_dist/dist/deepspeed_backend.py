@@ -280,8 +280,13 @@ class DeepSpeedBackend:
 
         from xbt_dist.train.optim_state import FORMAT, MOMENTS, trainable_named
 
-        base = self._base_optimizer()
+        base, opt = self._base_optimizer(), self.engine.optimizer
         step = next((float(st["step"]) for st in base.state.values() if "step" in st), None)
+        if step is not None and hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+            # ZeRO-1/2 link each parameter's view of the Adam state once, right after the first
+            # group's first step, when later groups have no state yet: relink so every view exists.
+            opt._hp_optimizer_states_linked = False
+            opt._lazy_init_hp_params_optimizer_state()
         out = {"format": FORMAT, "params": {}, "exp_avg": {}, "exp_avg_sq": {}, "adam_step": step,
                "lr": [g["lr"] for g in base.param_groups], "scheduler": self.scheduler.state_dict(),
                "micro_steps": int(self.engine.micro_steps), "global_steps": int(self.engine.global_steps),

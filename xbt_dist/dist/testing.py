@@ -294,8 +294,9 @@ class LocalRayCluster:
             self._start_node(False, log)
         while len([n for n in ray.nodes() if n["Alive"]]) < self.nodes:
             if time.time() > deadline or any(p.poll() is not None for p in self.procs):
+                joined = len([n for n in ray.nodes() if n["Alive"]])  # before stop() disconnects
                 self.stop()
-                raise RuntimeError(f"only {len(ray.nodes())} of {self.nodes} Ray nodes joined {self.address}")
+                raise RuntimeError(f"only {joined} of {self.nodes} Ray nodes joined {self.address}")
             time.sleep(1)
         return self
 
