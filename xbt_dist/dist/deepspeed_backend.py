@@ -305,6 +305,24 @@ class DeepSpeedBackend:
                 out[k][name] = v.reshape(shape) if shape is not None else v
         return out
 
+    def _set_z3_partition(self, p: nn.Parameter, value: torch.Tensor, key: str | None = None) -> None:
+        """This rank's slice of a full tensor into its ZeRO-3 fp32 partition (master or moment).
+
+        DeepSpeed's `safe_set_full_*` narrows the full tensor at `partition_numel * rank`, which
+        runs past the end on the last rank when the tensor's size is not a multiple of the world
+        size (the partition is padded): copy what exists and leave the padding at zero.
+        """
+        opt = self.engine.optimizer
+        part, _ = opt._get_fp32_opt_state_partition(p, release_swap_buffers=False, optim_state_key=key)
+        start = part.numel() * opt._get_param_partition_rank(p)
+        chunk = value.flatten().to(part.dtype)[start:start + part.numel()]
+        part.data.zero_()
+        part.data[:chunk.numel()].copy_(chunk)
+        if key is None:  # the module's own copy: this rank's partition, and a persistent full copy
+            p.ds_tensor.data.view(-1)[:chunk.numel()].copy_(chunk.to(p.ds_tensor.dtype))
+            if p.data.numel() == p.ds_numel:
+                p.data.copy_(value.reshape(p.data.shape).to(p.data.dtype))
+
     def load_state_dict(self, state: dict) -> None:
         """Collective: restore `state_dict()` output (any world size / ZeRO stage / backend).
 
@@ -331,7 +349,12 @@ class DeepSpeedBackend:
         with torch.no_grad():
             for name, p in named:
                 value = state["params"][name].to(p.device)
-                if self._sharded(p):
+                if self.zero_stage == 3:
+                    self._set_z3_partition(p, value)
+                    if step is not None:
+                        for k in MOMENTS:
+                            self._set_z3_partition(p, state[k][name].to(p.device), k)
+                elif self._sharded(p):
                     safe_set_full_fp32_param(p, value)
                     if step is not None:
                         for k in MOMENTS:
@@ -342,12 +365,8 @@ class DeepSpeedBackend:
                         base.state[p] = {"step": torch.tensor(step, dtype=torch.float32),
                                          **{k: state[k][name].to(p.device).clone() for k in MOMENTS}}
             # The module's (lp) copies of the masters: ZeRO-1/2 re-gather them from the updated
-            # partitions; ZeRO-3 gets them written under a gather that re-partitions on exit.
-            if self.zero_stage == 3:
-                with self.gathered(modifier_rank=0):
-                    for name, p in named:
-                        p.data.copy_(state["params"][name].to(p.device, p.dtype).reshape(p.shape))
-            elif hasattr(opt, "update_lp_params"):
+            # partitions; ZeRO-3 wrote its lp partitions in `_set_z3_partition`.
+            if self.zero_stage != 3 and hasattr(opt, "update_lp_params"):
                 opt.update_lp_params()
         set_lrs(base, state["lr"])
         self.scheduler.load_state_dict(state["scheduler"])
