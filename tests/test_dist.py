@@ -4,7 +4,7 @@
   rank average DDP/DeepSpeed apply, the same gradients on 2 workers as on 1;
 - DeepSpeed ZeRO-2 and ZeRO-3 engines over the real XBT module (open_clip + peft LoRA + soft
   prompts + LayerNorm deltas + phi, base weights frozen) take the same steps as plain PyTorch
-  AdamW in one process, and their engine checkpoints save and load.
+  AdamW in one process. (Their run state loading into a FRESH engine: test_runstate.py.)
 Ray tests (placement on two nodes, fault recovery) are in test_dist_ray.py.
 """
 
@@ -55,13 +55,8 @@ def _zero_worker(rank, world_size, out_dir, stages):
     for stage in stages:
         make = make_deepspeed_backend(DistConfig(zero_stage=stage), world_size, on_gpu=False)
         losses, state, backend = T.train_tiny_xbt(make, rank, world_size, T.tiny_xbt_batch(), OPTIM)
-        # Engine checkpoint round trip: collective save + load of the ZeRO shards.
-        backend.save(f"{out_dir}/ckpt_zero{stage}")
-        backend.load(f"{out_dir}/ckpt_zero{stage}")
-        with backend.gathered():
-            again = backend.model.trainable_state_dict() if rank == 0 else None
         if rank == 0:
-            torch.save({"losses": losses, "state": state, "again": again,
+            torch.save({"losses": losses, "state": state,
                         "frozen_grads": [n for n, p in backend.model.named_parameters()
                                          if not p.requires_grad and p.grad is not None]},
                        f"{out_dir}/zero{stage}.pt")
@@ -89,13 +84,12 @@ def test_deepspeed_zero2_zero3_match_single_process_on_xbt_model(tmp_path):
         got = torch.load(tmp_path / f"zero{stage}.pt", weights_only=False)
         assert got["losses"] == pytest.approx(ref_losses, rel=1e-5), f"ZeRO-{stage} losses"
         assert got["frozen_grads"] == [], f"ZeRO-{stage}: frozen base weights got gradients"
-        flat, again = _flat(got["state"]), _flat(got["again"])
+        flat = _flat(got["state"])
         assert set(flat) == set(ref)
         moved = 0
         for k in ref:
             assert flat[k].shape == ref[k].shape, f"ZeRO-{stage} {k}: shape {flat[k].shape} != {ref[k].shape}"
             torch.testing.assert_close(flat[k], ref[k], rtol=1e-4, atol=1e-6, msg=f"ZeRO-{stage} {k}")
-            torch.testing.assert_close(again[k], flat[k], msg=f"ZeRO-{stage} {k} after load")
             moved += int(not torch.equal(ref[k], init[k]))
         assert moved >= len(ref) // 2, "most trainable tensors should have moved after 2 steps"
 

@@ -36,6 +36,7 @@ def test_urls_to_shards_to_xbt_run(server, tiny_cfg, tmp_path):  # noqa: F811
     cfg = tiny_cfg
     cfg.train.train_shards, cfg.train.phi_init = str(shards), "random"
     cfg.train.batch_size, cfg.train.max_steps = 4, 2
+    cfg.data.max_bad_fraction = 0.5  # 2 bad of 10 samples: far above the 5 % a real set may lose
     path = tmp_path / "run.yaml"
     path.write_text(dump_config(cfg))
     assert xbt(["embed", "--config", str(path)]) == 0  # old-model targets of the 8 good samples

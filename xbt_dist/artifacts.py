@@ -2,6 +2,7 @@
 `manifest.json` saying what made it, from which inputs, with which config, and how many items.
 
 Manifests make runs reproducible and let the demo skip steps whose config digest is unchanged.
+They are read and written through `xbt_dist.storage`, so a directory may be an fsspec URL.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from xbt_dist import __version__
+from xbt_dist import __version__, storage
 
 MANIFEST = "manifest.json"
 
@@ -38,12 +39,8 @@ def config_digest(obj: Any) -> str:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write through a temp file and rename, so readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write through a temp file and rename (one PUT on object stores): never half a file."""
+    storage.write_text(path, text)
 
 
 def write_manifest(directory: str | os.PathLike, kind: str, config: Any = None,
@@ -58,17 +55,17 @@ def write_manifest(directory: str | os.PathLike, kind: str, config: Any = None,
         "counts": _jsonable(counts or {}),
         **_jsonable(extra),
     }
-    atomic_write_text(Path(directory) / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    atomic_write_text(storage.join(directory, MANIFEST), json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
 def read_manifest(directory: str | os.PathLike) -> dict:
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
+    path = storage.join(directory, MANIFEST)
+    if not storage.exists(path):
         raise FileNotFoundError(
             f"{path} not found: {directory} is not a finished xbt_dist artifact "
             "(the step that makes it did not run or did not finish; rerun it)")
-    return json.loads(path.read_text())
+    return json.loads(storage.read_text(path))
 
 
 def is_complete(directory: str | os.PathLike, kind: str, digest: str | None = None) -> bool:

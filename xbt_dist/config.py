@@ -158,6 +158,21 @@ class TrainConfig:
 
 
 @dataclass
+class DataConfig:
+    """Bad and missing training data (data/stream.py, data/reader.py)."""
+    # Stop the stage once more than this fraction of an epoch's samples was skipped (bad samples,
+    # missing or unreadable shards, missing embedding files or keys), naming the files; below it
+    # they are skipped and counted. 1.0 never stops.
+    max_bad_fraction: float = 0.05
+    read_retries: int = 3            # retries of a transient read error (OSError), backoff 0.5 s x 2^k
+
+    def __post_init__(self):
+        _check(0 <= self.max_bad_fraction <= 1, "data.max_bad_fraction", self.max_bad_fraction,
+               "a fraction in [0, 1] (1 = never stop)")
+        _check(self.read_retries >= 0, "data.read_retries", self.read_retries, "an int >= 0")
+
+
+@dataclass
 class DistConfig:
     """How the stage runs: Ray Train workers, each wrapping the model in DeepSpeed."""
     backend: str = "local"           # "local": this process, plain PyTorch; "ray": Ray Train + DeepSpeed
@@ -295,6 +310,7 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
     train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     index: IndexConfig = field(default_factory=IndexConfig)

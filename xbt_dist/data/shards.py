@@ -33,7 +33,7 @@ import fsspec
 from braceexpand import braceexpand
 from webdataset.tariterators import base_plus_ext
 
-from xbt_dist.data.tarstream import open_tar_files
+from xbt_dist.data.tarstream import open_tar_members
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +53,18 @@ def _strip_file(path: str) -> str:
     return path[len("file://"):] if path.startswith("file://") else path
 
 
-def list_shards(spec: str | os.PathLike | list, suffix: str = ".tar") -> list[str]:
+def list_shards(spec: str | os.PathLike | list, suffix: str = ".tar", missing_ok: bool = False
+                ) -> list[str]:
     """Resolve a shard set spec to an ordered list of shard paths/URLs.
 
     `spec` is a directory (all `*<suffix>` inside, sorted), a glob (`/d/*.tar`), brace notation
     (`/d/a-{000..009}.tar`, expanded in order and each shard checked to exist), or a list of those.
     Raises ShardError naming the path and what to do when nothing matches or a shard is missing.
+    `missing_ok`: brace notation is expanded without the existence checks (one request per shard
+    on object storage); the training stream skips and counts the shards that are missing.
     """
     if isinstance(spec, (list, tuple)):
-        out = [s for item in spec for s in list_shards(item, suffix)]
+        out = [s for item in spec for s in list_shards(item, suffix, missing_ok)]
         if not out:
             raise ShardError("empty shard list: pass at least one shard, directory or glob")
         return out
@@ -79,7 +82,7 @@ def list_shards(spec: str | os.PathLike | list, suffix: str = ".tar") -> list[st
 
     if "{" in spec and ".." in spec:
         shards = list(braceexpand(spec))
-        missing = [s for s in shards if not exists(s)]
+        missing = [] if missing_ok else [s for s in shards if not exists(s)]
         if missing:
             raise ShardError(
                 f"{len(missing)} of {len(shards)} shards of {spec!r} do not exist, first: {missing[0]}; "
@@ -151,6 +154,39 @@ def write_sizes(directory: str | os.PathLike, sizes: dict[str, int]) -> str:
     return path
 
 
+def group_samples(members: Iterator[tuple[int, str, bytes]], shard: str, keep_partial: bool = True
+                  ) -> Iterator[tuple[int, int | None, dict[str, Any]]]:
+    """Group tar members `(offset, name, data)` into samples: `(start, next_start, sample)`.
+
+    `start` is the byte offset of the sample's first member (-1 in compressed tars) and
+    `next_start` that of the following sample (None after the last one): a reader that stops
+    after this sample resumes by seeking there. A sample is complete when the next key appears,
+    so the next sample's first member has been read already when this one is yielded.
+    Members without an extension (or hidden `._` files) are ignored. When reading fails,
+    `keep_partial` yields the sample being assembled (with `next_start` None) before the error
+    propagates, as webdataset does; decoding rejects it if it lost members.
+    """
+    current: dict[str, Any] | None = None
+    start = -1
+    try:
+        for offset, name, data in members:
+            key, ext = base_plus_ext(name)
+            if key is None or name.rsplit("/", 1)[-1].startswith("._"):
+                continue
+            if current is not None and current["__key__"] != key:
+                yield start, offset, current
+                current = None
+            if current is None:
+                current, start = {"__key__": key, "__url__": shard}, offset
+            current[ext.lower()] = data
+    except Exception:  # not GeneratorExit: a consumer closing us early is no read error
+        if keep_partial and current is not None:
+            yield start, None, current
+        raise
+    if current is not None:
+        yield start, None, current
+
+
 def iter_raw_samples(shard: str, stats: Counter | None = None) -> Iterator[dict[str, Any]]:
     """Yield webdataset-style sample dicts (`__key__`, `__url__`, ext -> bytes) from one tar.
 
@@ -161,16 +197,8 @@ def iter_raw_samples(shard: str, stats: Counter | None = None) -> Iterator[dict[
     current: dict[str, Any] | None = None
     try:
         with fsspec.open(_strip_file(shard), "rb") as f:
-            for name, data in open_tar_files(f):
-                key, ext = base_plus_ext(name)
-                if key is None or name.rsplit("/", 1)[-1].startswith("._"):
-                    continue
-                if current is not None and current["__key__"] != key:
-                    yield current
-                    current = None
-                if current is None:
-                    current = {"__key__": key, "__url__": shard}
-                current[ext.lower()] = data
+            for _, _, current in group_samples(open_tar_members(f), shard):
+                yield current
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         if isinstance(e, FileNotFoundError):
             raise ShardError(f"shard {shard} does not exist; relist the shard set") from e
@@ -178,8 +206,6 @@ def iter_raw_samples(shard: str, stats: Counter | None = None) -> Iterator[dict[
             stats["truncated_shard"] += 1
         log.warning("truncated or corrupt shard %s after key %s (%s: %s); rest of shard skipped",
                     shard, current["__key__"] if current else None, type(e).__name__, e)
-    if current is not None:
-        yield current
 
 
 def decode_caption(sample: dict) -> str | None:

@@ -7,6 +7,10 @@ or `tarfile`, so this reads the 512-byte headers directly: ustar/GNU names and s
 and `size` records, GNU long names. Checksums are verified, so a corrupt header raises
 `tarfile.ReadError` and a shard cut short raises `EOFError`, as `tarfile` would. Compressed tars
 (gzip, bzip2, xz) go through `tarfile`, which decompresses.
+
+`iter_tar_members` also reports each member's byte offset, so a reader can stop anywhere and a
+later one seek straight back (the training stream's data cursor, data/cursor.py); compressed
+tars report -1 (no seeking inside a compressed stream).
 """
 
 from __future__ import annotations
@@ -56,10 +60,17 @@ def _pax(data: bytes) -> dict[str, str]:
     return out
 
 
-def iter_tar_files(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
-    """(name, data) of every regular file in an uncompressed tar stream, in archive order."""
+def iter_tar_members(f: BinaryIO, offset: int = 0) -> Iterator[tuple[int, str, bytes]]:
+    """(offset, name, data) of every regular file in an uncompressed tar stream, in archive order.
+
+    `offset` is where `f` is positioned in the archive (the caller seeked there: a member header);
+    each member's offset is that of its first header block, PAX and GNU long-name headers
+    included, so seeking a fresh file to it and calling this again resumes at that member.
+    """
     pax: dict[str, str] = {}
     long_name: str | None = None
+    start = None  # offset of the first header of the member being assembled
+    pos = offset
     while True:
         header = f.read(BLOCK)
         if not header or header == _ZERO_BLOCK:  # end-of-archive marker (or a bare end)
@@ -67,12 +78,15 @@ def iter_tar_files(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
         if len(header) < BLOCK:
             raise EOFError("unexpected end of tar inside a header")
         _check(header)
+        if start is None:
+            start = pos
         kind = header[156:157]
         size = int(pax["size"]) if "size" in pax else _octal(header[124:136])
         data = _read(f, size)
         pad = -size % BLOCK
         if pad:
             _read(f, pad)
+        pos += BLOCK + size + pad
         if kind == b"x":        # PAX header of the next member
             try:
                 pax = _pax(data)
@@ -80,6 +94,7 @@ def iter_tar_files(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
                 raise tarfile.ReadError("unreadable PAX header: corrupt tar") from None
             continue
         if kind == b"g":        # global PAX header: nothing we use
+            start = None
             continue
         if kind == b"L":        # GNU long name of the next member
             long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
@@ -92,17 +107,37 @@ def iter_tar_files(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
                 if prefix:
                     name = prefix.decode("utf-8", "surrogateescape") + "/" + name
         pax, long_name = {}, None
+        member_start, start = start, None
         if kind in _REGULAR:
-            yield name, data
+            yield member_start, name, data
+
+
+def iter_tar_files(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of every regular file in an uncompressed tar stream, in archive order."""
+    for _, name, data in iter_tar_members(f):
+        yield name, data
+
+
+def is_compressed(head: bytes) -> bool:
+    """Whether a tar's first bytes are a gzip/bzip2/xz magic (such tars cannot seek to members)."""
+    return head.startswith(_COMPRESSED_MAGIC)
+
+
+def open_tar_members(f: BinaryIO) -> Iterator[tuple[int, str, bytes]]:
+    """Like `iter_tar_members` from the start of `f`; compressed tars go through `tarfile` and
+    report offset -1 (a position inside a compressed stream cannot be seeked to)."""
+    head = f.read(BLOCK)
+    if is_compressed(head):
+        for name, data in _tarfile_files(_Prefixed(head, f)):
+            yield -1, name, data
+        return
+    yield from iter_tar_members(_Prefixed(head, f))
 
 
 def open_tar_files(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
     """Like `iter_tar_files`, but compressed tars are read through `tarfile`."""
-    head = f.read(BLOCK)
-    if head.startswith(_COMPRESSED_MAGIC):
-        yield from _tarfile_files(_Prefixed(head, f))
-        return
-    yield from iter_tar_files(_Prefixed(head, f))
+    for _, name, data in open_tar_members(f):
+        yield name, data
 
 
 def _tarfile_files(f) -> Iterator[tuple[str, bytes]]:

@@ -9,6 +9,9 @@ What DeepSpeed does for us here, and what it costs:
 - ZeRO 1/2 shard optimiser state / gradients; ZeRO-3 also shards parameters, which means any
   trainable tensor read outside a forward (saving adapters, phi) must be gathered first: use
   `backend.gathered()` (a collective, every rank must enter it);
+- the run state (`state_dict`/`load_state_dict`): trainable fp32 masters and Adam moments by
+  parameter name through DeepSpeed's world-size-independent `safe_get/set_full_*` accessors,
+  never the frozen towers and never per ZeRO partition (see `xbt_dist.train.checkpoint`);
 - nothing about precision: DeepSpeed's bf16/fp16 modes are off and the engine holds fp32 weights;
   `dist.precision` is torch.autocast around the forward (xbt_dist.train.precision). CPU runs use
   `DS_ACCELERATOR=cpu` and gloo.
@@ -266,28 +269,128 @@ class DeepSpeedBackend:
                 for p in self._zero_dim:
                     p.data = p.data.reshape(1)
 
+    # -- run state (the checkpoint's backend half, see xbt_dist.train.optim_state) -----------
+    def _hp_partitions(self) -> list[torch.Tensor]:
+        """The flat fp32 master partitions AdamW steps on this rank (its `state` keys)."""
+        opt = self.engine.optimizer
+        if self.zero_stage == 3:
+            return list(opt.fp32_partitioned_groups_flat)
+        return list(getattr(opt, "single_partition_of_fp32_groups", []))
+
+    def _base_optimizer(self) -> torch.optim.Optimizer:
+        opt = self.engine.optimizer
+        return getattr(opt, "optimizer", opt)  # ZeRO wraps the torch AdamW; stage 0 fp32 does not
+
+    def _sharded(self, p: nn.Parameter) -> bool:
+        # ZeRO-3 params carry ds_id, ZeRO-1/2 (and bf16) ones an lp->hp mapping; else plain AdamW.
+        return hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
+
     def state_dict(self) -> dict:
-        # Optimiser/scheduler state lives in the engine checkpoint (`save`), sharded per rank.
-        return {"engine": "deepspeed", "global_steps": int(self.engine.global_steps),
-                "micro_steps": int(self.engine.micro_steps)}
+        """Collective: full fp32 masters and Adam moments BY NAME on every rank.
+
+        DeepSpeed's `safe_get_full_*` accessors all-reduce (ZeRO-1/2) or all-gather (ZeRO-3)
+        each tensor from its owners, so every rank must call this; rank 0 writes the result.
+        Unlike `engine.save_checkpoint`, nothing frozen is included and nothing is per partition:
+        the state loads on any world size and ZeRO stage. Cost: one collective per trainable
+        tensor (x3 with the moments) and the full trainable state in each rank's memory.
+        """
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        from xbt_dist.train.optim_state import FORMAT, MOMENTS, trainable_named
+
+        base, opt = self._base_optimizer(), self.engine.optimizer
+        step = next((float(st["step"]) for st in base.state.values() if "step" in st), None)
+        if step is not None and hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+            # ZeRO-1/2 link each parameter's view of the Adam state once, right after the first
+            # group's first step, when later groups have no state yet: relink so every view exists.
+            opt._hp_optimizer_states_linked = False
+            opt._lazy_init_hp_params_optimizer_state()
+        out = {"format": FORMAT, "params": {}, "exp_avg": {}, "exp_avg_sq": {}, "adam_step": step,
+               "lr": [g["lr"] for g in base.param_groups], "scheduler": self.scheduler.state_dict(),
+               "micro_steps": int(self.engine.micro_steps), "global_steps": int(self.engine.global_steps),
+               "global_samples": int(self.engine.global_samples)}
+        zero_dim = {id(p) for p in self._zero_dim}
+        for name, p in trainable_named(self.model):
+            shape = () if id(p) in zero_dim else None  # ZeRO-3 holds 0-dim params as (1,)
+            if self._sharded(p):
+                full = {"params": safe_get_full_fp32_param(p)}
+                if step is not None:
+                    full.update({k: safe_get_full_optimizer_state(p, k) for k in MOMENTS})
+            else:
+                full = {"params": p.detach(), **({k: base.state[p][k] for k in MOMENTS} if step is not None else {})}
+            for k, v in full.items():
+                v = v.detach().float().cpu().clone()
+                out[k][name] = v.reshape(shape) if shape is not None else v
+        return out
+
+    def _set_z3_partition(self, p: nn.Parameter, value: torch.Tensor, key: str | None = None) -> None:
+        """This rank's slice of a full tensor into its ZeRO-3 fp32 partition (master or moment).
+
+        DeepSpeed's `safe_set_full_*` narrows the full tensor at `partition_numel * rank`, which
+        runs past the end on the last rank when the tensor's size is not a multiple of the world
+        size (the partition is padded): copy what exists and leave the padding at zero.
+        """
+        opt = self.engine.optimizer
+        part, _ = opt._get_fp32_opt_state_partition(p, release_swap_buffers=False, optim_state_key=key)
+        start = part.numel() * opt._get_param_partition_rank(p)
+        chunk = value.flatten().to(part.dtype)[start:start + part.numel()]
+        part.data.zero_()
+        part.data[:chunk.numel()].copy_(chunk)
+        if key is None:  # the module's own copy: this rank's partition, and a persistent full copy
+            p.ds_tensor.data.view(-1)[:chunk.numel()].copy_(chunk.to(p.ds_tensor.dtype))
+            if p.data.numel() == p.ds_numel:
+                p.data.copy_(value.reshape(p.data.shape).to(p.data.dtype))
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("engine") not in (None, "deepspeed"):
-            raise ValueError(f"checkpoint backend state {state.get('engine')!r} is not a DeepSpeed one: "
-                             "resume with the backend that wrote it (dist.backend)")
+        """Collective: restore `state_dict()` output (any world size / ZeRO stage / backend).
 
-    # -- engine checkpoints (Checkpointer.save(save_backend=backend.save)) -------------------
-    def save(self, directory: str | Path) -> None:
-        """Collective: every rank writes its ZeRO shards of params/optimiser/scheduler."""
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        self.engine.save_checkpoint(str(directory), tag="engine", save_latest=False)
+        A fresh engine has no Adam state until its first step (DeepSpeed links the per-parameter
+        views into the flat partitions lazily), so it is created here, zero-filled, linked, and
+        then every tensor is written through `safe_set_full_*` (each rank keeps its own slice).
+        The low-precision/module copies are refreshed from the masters at the end.
+        """
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    def load(self, directory: str | Path) -> None:
-        """Collective: restore module, optimiser and scheduler state written by `save`."""
-        path, _ = self.engine.load_checkpoint(str(directory), tag="engine", load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
-        if path is None:
-            raise FileNotFoundError(f"no DeepSpeed engine checkpoint under {directory}")
+        from xbt_dist.train.optim_state import MOMENTS, check_names, set_lrs, trainable_named
+
+        check_names(state, self.model)
+        base, opt = self._base_optimizer(), self.engine.optimizer
+        step = state["adam_step"]
+        named = trainable_named(self.model)
+        if step is not None:
+            for flat in self._hp_partitions():
+                base.state[flat] = {"step": torch.tensor(step, dtype=torch.float32),
+                                    **{k: torch.zeros_like(flat) for k in MOMENTS}}
+            if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2, bf16 optimiser
+                opt._hp_optimizer_states_linked = False
+                opt._lazy_init_hp_params_optimizer_state()
+        with torch.no_grad():
+            for name, p in named:
+                value = state["params"][name].to(p.device)
+                if self.zero_stage == 3:
+                    self._set_z3_partition(p, value)
+                    if step is not None:
+                        for k in MOMENTS:
+                            self._set_z3_partition(p, state[k][name].to(p.device), k)
+                elif self._sharded(p):
+                    safe_set_full_fp32_param(p, value)
+                    if step is not None:
+                        for k in MOMENTS:
+                            safe_set_full_optimizer_state(p, state[k][name].to(p.device), k)
+                else:
+                    p.copy_(value)
+                    if step is not None:
+                        base.state[p] = {"step": torch.tensor(step, dtype=torch.float32),
+                                         **{k: state[k][name].to(p.device).clone() for k in MOMENTS}}
+            # The module's (lp) copies of the masters: ZeRO-1/2 re-gather them from the updated
+            # partitions; ZeRO-3 wrote its lp partitions in `_set_z3_partition`.
+            if self.zero_stage != 3 and hasattr(opt, "update_lp_params"):
+                opt.update_lp_params()
+        set_lrs(base, state["lr"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.engine.micro_steps = int(state["micro_steps"])
+        self.engine.global_steps = int(state["global_steps"])
+        self.engine.global_samples = int(state.get("global_samples", 0))
 
 
 def _enable_grad_checkpointing(module: nn.Module) -> None:

@@ -19,6 +19,13 @@ the source of truth, so a restarted group calls the stage with `resume=True` and
 from `latest`. A restart is detected with per-launch marker files (a rank that finds its marker
 from an earlier attempt is on attempt > 0); they live under the Ray storage path, which must be
 shared by all nodes (as cfg.out_dir must).
+
+Fatal errors: Ray Train v2's default failure policy retries every worker error until
+`max_failures` is spent; it has no notion of an error no restart can fix. A stage that stops on
+too much bad data (`DataBudgetExceeded`) would therefore fail again at the same sample on every
+restart. So the failing rank first writes a per-launch marker (`FATAL.json` under the Ray storage
+path, through fsspec), then raises; a restarted group finds the marker and returns at once
+without running the stage, and the driver raises the original error and message.
 """
 
 from __future__ import annotations
@@ -34,10 +41,12 @@ from typing import Any, Callable
 
 import torch
 
+from xbt_dist import storage
 from xbt_dist.config import DistConfig, RunConfig
-from xbt_dist.train.checkpoint import is_remote
+from xbt_dist.storage import is_remote
 
 RESULT_FILE = "result.json"
+FATAL_FILE = "FATAL.json"
 
 # Driver environment variables forwarded to workers (Ray workers do not inherit the driver's env).
 FORWARD_ENV_PREFIXES = ("XBT_", "DS_", "NCCL_", "GLOO_", "TORCH_", "OMP_NUM_THREADS")
@@ -97,18 +106,41 @@ def _json_safe(d: dict) -> dict:
 
 
 def _attempt(marker_dir: str | None, rank: int) -> int:
-    """0 on the first start of this rank in this launch, 1+ after Ray restarted the group."""
+    """0 on the first start of this rank in this launch, 1+ after Ray restarted the group.
+
+    Only rank r writes rank r's markers, and Ray never runs two rank-r workers at once, so "the
+    first free n" needs no exclusive create: it works on any fsspec storage (an object store
+    has no O_EXCL), which an `out_dir: s3://...` run's Ray storage is.
+    """
     if marker_dir is None:
         return 0
-    d = Path(marker_dir)
-    d.mkdir(parents=True, exist_ok=True)
     n = 0
-    while True:
-        try:  # O_EXCL: the first creator of attempt n's marker is attempt n
-            os.close(os.open(d / f"rank{rank:05d}.attempt{n}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            return n
-        except FileExistsError:
-            n += 1
+    while storage.exists(storage.join(marker_dir, f"rank{rank:05d}.attempt{n}")):
+        n += 1
+    storage.write_text(storage.join(marker_dir, f"rank{rank:05d}.attempt{n}"), "")
+    return n
+
+
+def _read_fatal(marker: str | None) -> str | None:
+    """The message of a fatal error an earlier attempt of this launch recorded, or None."""
+    import fsspec
+    if marker is None:
+        return None
+    fs, path = fsspec.core.url_to_fs(marker)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r") as f:
+        return json.load(f)["error"]
+
+
+def _write_fatal(marker: str | None, error: BaseException) -> None:
+    import fsspec
+    if marker is None:
+        return
+    fs, path = fsspec.core.url_to_fs(marker)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "w") as f:
+        json.dump({"error": str(error), "type": type(error).__name__}, f)
 
 
 def _seed_everything(seed: int) -> None:
@@ -204,13 +236,22 @@ def _worker_entry(config: dict) -> None:
                         report=report if config["report"] else None,
                         barrier=dist.barrier, any_rank=any_rank, gather=gather,
                         mean_over_ranks=lambda xs: all_reduce_mean(xs, device, world_size))
+    from xbt_dist.data.stream import DataBudgetExceeded
     from xbt_dist.train.loop import StopRequested
+    fatal = _read_fatal(config.get("fatal_marker"))
     try:
-        result = config["stage_fn"](cfg, ctx, resume=bool(config["resume"] or attempt > 0), **config["kwargs"])
+        if fatal is not None:  # an earlier attempt hit an error no restart fixes: do not run again
+            result = {"fatal": fatal}
+        else:
+            result = config["stage_fn"](cfg, ctx, resume=bool(config["resume"] or attempt > 0),
+                                        **config["kwargs"])
     except StopRequested as e:
         # A requested stop (preemption) is not a failure: Ray must not restart the group, the
         # driver re-raises it so the launcher requeues the job.
         result = {"stopped": str(e)}
+    except DataBudgetExceeded as e:
+        _write_fatal(config.get("fatal_marker"), e)
+        raise
     final = _json_safe({**dict(result or {}), "rank": rank, "world_size": world_size,
                         "attempt": attempt, "final": True})
     # Ray Train v2 hands back only metrics that come with a checkpoint, so rank 0 attaches a
@@ -271,31 +312,39 @@ def run_on_ray(stage_fn: Callable, cfg: RunConfig, resume: bool = False, *, name
         if d.use_gpu:
             resources["GPU"] = d.gpus_per_worker
         run_name = name or f"{cfg.name}-{getattr(stage_fn, '__name__', 'stage')}-{uuid.uuid4().hex[:8]}"
-        storage = _storage_path(cfg, storage_path)
-        marker_dir = None if is_remote(storage) else f"{storage}/{run_name}/attempts"
+        storage_url = _storage_path(cfg, storage_path)
+        marker_dir = f"{storage_url}/{run_name}/attempts"
+        fatal_marker = f"{_storage_path(cfg, storage_path).rstrip('/')}/{run_name}/{FATAL_FILE}"
         env = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_ENV_PREFIXES)}
         trainer = TorchTrainer(
             _worker_entry,
             train_loop_config={"stage_fn": stage_fn, "cfg": cfg, "resume": resume, "kwargs": kwargs,
                                "env": env, "marker_dir": marker_dir, "report": report_progress,
+                               "fatal_marker": fatal_marker,
                                "cwd": os.getcwd()},
             scaling_config=ray.train.ScalingConfig(num_workers=d.workers, use_gpu=d.use_gpu,
                                                    resources_per_worker=resources),
             torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
             run_config=ray.train.RunConfig(
-                name=run_name, storage_path=storage,
+                name=run_name, storage_path=storage_url,
                 # WARNING: not Ray Train's INFO line per report (our progress line says it better)
                 logging_config=ray.train.LoggingConfig(log_level="WARNING"),
                 failure_config=ray.train.FailureConfig(max_failures=d.max_failures)),
         )
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except Exception as e:
+            _raise_fatal(fatal_marker, e)
+            raise
         if result.error is not None:
+            _raise_fatal(fatal_marker, result.error)
             raise result.error
         if result.checkpoint is not None:
             with result.checkpoint.as_directory() as d:
                 out = json.loads(Path(d, RESULT_FILE).read_text())
         else:
             out = dict(result.metrics or {})
+        _raise_fatal(fatal_marker, None)
         if "stopped" in out:
             from xbt_dist.train.loop import StopRequested
             raise StopRequested(out["stopped"])
@@ -303,3 +352,11 @@ def run_on_ray(stage_fn: Callable, cfg: RunConfig, resume: bool = False, *, name
     finally:
         if shutdown if shutdown is not None else started:
             ray.shutdown()
+
+
+def _raise_fatal(marker: str, cause: BaseException | None) -> None:
+    """Re-raise, on the driver, the fatal error a worker recorded (see the module docstring)."""
+    msg = _read_fatal(marker)
+    if msg is not None:
+        from xbt_dist.data.stream import DataBudgetExceeded
+        raise DataBudgetExceeded(msg) from cause

@@ -236,9 +236,13 @@ class LocalRayCluster:
     a fixed number (GCS, client server, dashboard agent), since two nodes share one host.
     """
 
-    def __init__(self, nodes: int = 2, cpus_per_node: int = 1, temp_dir: str | None = None):
+    def __init__(self, nodes: int = 2, cpus_per_node: int = 1, temp_dir: str | None = None,
+                 node_env: list[dict[str, str]] | None = None):
         self.nodes, self.cpus = nodes, cpus_per_node
         self.temp_dir = temp_dir
+        # Extra environment per node (its raylet and workers inherit it), e.g. a TMPDIR of its
+        # own so that "node-local scratch" really differs between the two nodes.
+        self.node_env = node_env or [{} for _ in range(nodes)]
         self.procs: list = []
         self.address: str | None = None
 
@@ -262,6 +266,7 @@ class LocalRayCluster:
         else:
             args.append(f"--address={self.address}")
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env.update(self.node_env[len(self.procs)])
         # The driver connects without a token; a ~/.ray/auth_token left by another tool must not
         # switch this throwaway cluster to token auth.
         env["RAY_AUTH_MODE"] = "disabled"
@@ -289,8 +294,9 @@ class LocalRayCluster:
             self._start_node(False, log)
         while len([n for n in ray.nodes() if n["Alive"]]) < self.nodes:
             if time.time() > deadline or any(p.poll() is not None for p in self.procs):
+                joined = len([n for n in ray.nodes() if n["Alive"]])  # before stop() disconnects
                 self.stop()
-                raise RuntimeError(f"only {len(ray.nodes())} of {self.nodes} Ray nodes joined {self.address}")
+                raise RuntimeError(f"only {joined} of {self.nodes} Ray nodes joined {self.address}")
             time.sleep(1)
         return self
 

@@ -8,6 +8,7 @@ few hundred pairs because it is O(n^2) on 2 shared cores.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from xbt_dist import storage
 from xbt_dist.artifacts import atomic_write_text
 
 COMPUTE_COLUMNS = (("method", "method"), ("trainable_params", "trainable params"),
@@ -157,6 +159,14 @@ def _pyplot():
     return plt
 
 
+def _save_png(fig, path: str | os.PathLike):
+    """Write a figure through `xbt_dist.storage` (a local path or an fsspec URL); returns it."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    storage.write_bytes(path, buf.getvalue())
+    return path if storage.is_remote(path) else Path(path)
+
+
 def plot_recall_bars(compat: Mapping, path: str | os.PathLike, ks: Sequence[int] = (1, 5)) -> Path:
     """Grouped bars: one group per case, one bar per (direction, K); old/old as dashed lines."""
     plt = _pyplot()
@@ -181,8 +191,7 @@ def plot_recall_bars(compat: Mapping, path: str | os.PathLike, ks: Sequence[int]
     ax.legend(fontsize=8, ncol=len(series), loc="upper center")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
+    path = _save_png(fig, path)
     plt.close(fig)
     return path
 
@@ -249,8 +258,7 @@ def plot_tsne(views: Mapping, caption_to_image, path: str | os.PathLike, n_pairs
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
+    path = _save_png(fig, path)
     plt.close(fig)
     return path
 
@@ -271,18 +279,18 @@ def write_report(out_dir: str | os.PathLike, compat: Mapping, zero_shot: Mapping
     reads `meta["method"]` as the row name.
     Returns {"eval_json": path, "report_md": path, "recall_bars": path, "tsne": path | None}.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = str(out_dir)  # a str: Path() would turn s3://b/x into a local folder "s3:"
+    storage.makedirs(out)
     result = {"meta": dict(meta or {}), "compat": compat, "zero_shot": zero_shot or {},
               "compute": list(compute or [])}
-    atomic_write_text(out / "eval.json", json.dumps(_jsonable(result), indent=2) + "\n")
+    atomic_write_text(storage.join(out, "eval.json"), json.dumps(_jsonable(result), indent=2) + "\n")
 
-    bars = plot_recall_bars(compat, out / "recall_bars.png")
+    bars = plot_recall_bars(compat, storage.join(out, "recall_bars.png"))
     tsne = None
     if views is not None:
         if caption_to_image is None:
             raise ValueError("write_report: views given for the t-SNE plot but no caption_to_image")
-        tsne = plot_tsne(views, caption_to_image, out / "tsne.png", n_pairs=tsne_pairs, seed=seed)
+        tsne = plot_tsne(views, caption_to_image, storage.join(out, "tsne.png"), n_pairs=tsne_pairs, seed=seed)
 
     es = compat.get("eval_set", {})
     parts = [f"# {title}", ""]
@@ -294,14 +302,15 @@ def write_report(out_dir: str | os.PathLike, compat: Mapping, zero_shot: Mapping
               "t2i: text queries vs image gallery; i2t: image queries vs text gallery "
               "(correct when any caption of the image is retrieved).", "",
               recall_table(compat), "", "## Verdict (paper Eqn 1)", "", verdict_section(compat),
-              "", f"![recall bars]({bars.name})", ""]
+              "", f"![recall bars]({os.path.basename(str(bars))})", ""]
     if zero_shot:
         parts += ["## Zero-shot classification (image view / class-text view)", "",
                   zero_shot_table(zero_shot), ""]
     if compute:
         parts += ["## Compute (paper Table 6 form)", "", compute_table(compute), ""]
     if tsne is not None:
-        parts += ["## t-SNE of paired embeddings", "", f"![t-SNE]({tsne.name})", ""]
-    atomic_write_text(out / "report.md", "\n".join(parts))
-    return {"eval_json": out / "eval.json", "report_md": out / "report.md",
+        parts += ["## t-SNE of paired embeddings", "", f"![t-SNE]({os.path.basename(str(tsne))})", ""]
+    atomic_write_text(storage.join(out, "report.md"), "\n".join(parts))
+    local = (lambda p: p) if storage.is_remote(out) else Path
+    return {"eval_json": local(storage.join(out, "eval.json")), "report_md": local(storage.join(out, "report.md")),
             "recall_bars": bars, "tsne": tsne}

@@ -30,9 +30,11 @@ class Backend(Protocol):
     def gathered(self) -> ContextManager:
         """Context in which rank 0 sees full trainable tensors (ZeRO-3 gathers them)."""
 
-    def state_dict(self) -> dict: ...
+    def state_dict(self) -> dict:
+        """Collective: the full, world-size-independent training state (every rank gets it)."""
 
-    def load_state_dict(self, state: dict) -> None: ...
+    def load_state_dict(self, state: dict) -> None:
+        """Collective: restore `state_dict()`'s output, written by any world size or backend."""
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int):
@@ -92,10 +94,12 @@ class TorchBackend:
         return contextlib.nullcontext()
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "micro": self._micro}
+        """Trainable tensors + AdamW + scheduler by parameter name (`xbt_dist.train.optim_state`)."""
+        from xbt_dist.train.optim_state import torch_adamw_state
+        return {**torch_adamw_state(self.module, self.optimizer, self.scheduler),
+                "micro_steps": self._micro, "global_steps": int(self.scheduler.last_epoch)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self._micro = state["micro"]
+        from xbt_dist.train.optim_state import load_torch_adamw_state
+        load_torch_adamw_state(state, self.module, self.optimizer, self.scheduler)
+        self._micro = int(state["micro_steps"])

@@ -23,6 +23,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from xbt_dist import storage
 from xbt_dist.train.checkpoint import Checkpointer
 from xbt_dist.train.context import WorkerContext
 from xbt_dist.train.progress import Progress
@@ -47,8 +48,7 @@ def install_stop_handlers(stage_dir: str) -> None:
     def on_signal(signum, frame):
         global _signalled
         _signalled = True
-        Path(stage_dir).mkdir(parents=True, exist_ok=True)
-        (Path(stage_dir) / STOP_FILE).touch()
+        storage.write_text(storage.join(stage_dir, STOP_FILE), "")
         print(f"[xbt] signal {signum}: checkpointing at the next log step, then stopping",
               file=sys.stderr, flush=True)
 
@@ -102,48 +102,62 @@ def _maybe_inject_fault(step: int, rank: int, stage_dir: str) -> None:
     at = os.environ.get("XBT_FAULT_AT_STEP")
     if not at or step != int(at) or rank != int(os.environ.get("XBT_FAULT_RANK", "1")):
         return
-    marker = Path(os.environ.get("XBT_FAULT_MARKER", f"{stage_dir}/.fault_injected"))
-    if marker.exists():
+    marker = os.environ.get("XBT_FAULT_MARKER", storage.join(stage_dir, ".fault_injected"))
+    if storage.exists(marker):
         return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(str(step))
+    storage.write_text(marker, str(step))
     print(f"[xbt] fault injection: rank {rank} exits at step {step}", file=sys.stderr, flush=True)
     os._exit(1)
 
 
+def resume_from(ckpt: Checkpointer, ctx: WorkerContext, backend, stream, state: LoopState,
+                name: str) -> bool:
+    """Collective: restore the latest checkpoint into a FRESH backend and stream; False if none.
+
+    Works across world sizes: the backend state is keyed by parameter name and every rank gets
+    all old ranks' data-cursor parts. RNG states are restored only for a rank that existed in
+    the saving run (same rank, same stream of draws); new ranks keep their seeded state.
+    """
+    loaded = ckpt.load()
+    if loaded is None:
+        return False
+    backend.load_state_dict(loaded.state)
+    stream.load_state_dict([r["data"] for r in loaded.ranks])
+    mine = loaded.ranks[ctx.rank] if ctx.rank < loaded.world_size else loaded.ranks[0]
+    state.step, state.samples = int(mine["step"]), int(mine["samples"])
+    state.history = list(loaded.ranks[0].get("history", []))  # the manifest's curve spans the restart
+    if ctx.rank < loaded.world_size and loaded.world_size == ctx.world_size:
+        set_rng_state(mine["rng"])  # augmentation draws continue exactly where they left off
+    if ctx.is_main:
+        moved = "" if loaded.world_size == ctx.world_size else f" (saved by {loaded.world_size} workers)"
+        print(f"[{name}] resumed from {loaded.name} at step {state.step}{moved}", file=sys.stderr, flush=True)
+    return True
+
+
 def run_loop(*, name: str, ctx: WorkerContext, backend, stream, step_fn: Callable,
-             total_steps: int, global_batch: int, stage_dir: str, trainable_state: Callable[[], dict],
-             load_trainable: Callable[[dict], None], checkpoint_every: int = 0, log_every: int = 10,
-             resume: bool = False, tb_dir: str | None = None) -> LoopState:
-    ckpt = Checkpointer(stage_dir, rank=ctx.rank, barrier=ctx.barrier)
+             total_steps: int, global_batch: int, stage_dir: str, checkpoint_every: int = 0,
+             log_every: int = 10, resume: bool = False, tb_dir: str | None = None) -> LoopState:
+    ckpt = Checkpointer(stage_dir, rank=ctx.rank, world_size=ctx.world_size, barrier=ctx.barrier)
     state = LoopState()
-    stop_file = Path(stage_dir) / STOP_FILE
-    if ctx.is_main and stop_file.exists() and not _signalled:
-        stop_file.unlink()  # left by the stop that preceded this (resumed) run
+    stop_file = storage.join(stage_dir, STOP_FILE)
+    if ctx.is_main and not _signalled:
+        storage.remove(stop_file)  # left by the stop that preceded this (resumed) run
     ctx.barrier()
-    if resume and (loaded := ckpt.load()) is not None:
-        d, trainable, mine = loaded
-        backend.load_state_dict(mine["backend"])
-        if hasattr(backend, "load"):  # the engine restores (partitioned) weights and optimiser itself
-            backend.load(d / "backend")
-        else:
-            load_trainable(trainable)
-        stream.load_state_dict(mine["data"])
-        state.step, state.samples = mine["step"], mine["samples"]
-        if "rng" in mine:  # augmentation draws continue exactly where the checkpoint left them
-            set_rng_state(mine["rng"])
-        if ctx.is_main:
-            print(f"[{name}] resumed from {d.name} at step {state.step}", file=sys.stderr, flush=True)
+    if resume:
+        resume_from(ckpt, ctx, backend, stream, state, name)
 
     def save() -> str:
-        with backend.gathered():
-            trainable = trainable_state() if ctx.is_main else None
-        return ckpt.save(state.step, trainable,
-                         {"backend": backend.state_dict(), "data": stream.state_dict(),
-                          "step": state.step, "samples": state.samples, "rng": get_rng_state()},
-                         save_backend=getattr(backend, "save", None))
+        # Collective: under ZeRO the backend gathers each trainable tensor and its Adam moments
+        # on every rank; only rank 0 writes them, every rank writes its own data cursor and RNG.
+        full = backend.state_dict()
+        return ckpt.save(state.step, full if ctx.is_main else None,
+                         {"data": stream.state_dict(), "step": state.step, "samples": state.samples,
+                          "rng": get_rng_state(), "rank": ctx.rank, "world_size": ctx.world_size,
+                          "history": state.history if ctx.is_main else []})
 
     local_batch = global_batch // ctx.world_size
+    if tb_dir and storage.is_remote(tb_dir):
+        tb_dir = None  # TensorBoard's writer cannot append to an object store; the manifest has the curve
     progress = Progress(name, total_steps, local_batch, ctx.world_size, ctx.rank, log_every, tb_dir)
     batches = endless(stream)
     backend.module.train()
@@ -169,7 +183,7 @@ def run_loop(*, name: str, ctx: WorkerContext, backend, stream, step_fn: Callabl
         state.history.append(rec)
         if ctx.report is not None:
             ctx.report(rec)
-        if ctx.any_rank(_signalled or stop_file.exists()):
+        if ctx.any_rank(_signalled or storage.exists(stop_file)):
             save()
             progress.close()
             raise StopRequested(f"{name}: checkpointed at step {state.step} on request")

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xbt_dist import storage
 from xbt_dist.artifacts import write_manifest
 from xbt_dist.config import RunConfig, to_dict
 from xbt_dist.data.embeddings import EmbeddingShardSet
@@ -47,18 +48,18 @@ class PhiModule(nn.Module):
 
 
 def save_phi(path: str | Path, phi: Phi, cfg: RunConfig, d_new: int, d_old: int) -> None:
-    torch.save({"phi": phi.state_dict(), "d_new": d_new, "d_old": d_old,
+    """Write phi to a local path or fsspec URL (atomically, see `xbt_dist.storage`)."""
+    storage.save_torch({"phi": phi.state_dict(), "d_new": d_new, "d_old": d_old,
                 "hidden": cfg.phi.hidden, "depth": cfg.phi.depth,
-                "old": to_dict(cfg)["old"], "new": to_dict(cfg)["new"]}, path)
+                "old": to_dict(cfg)["old"], "new": to_dict(cfg)["new"]}, str(path))
 
 
 def load_phi(path: str | Path) -> Phi:
     """Load a stage-1 phi checkpoint written by `save_phi`."""
-    path = Path(path)
-    if not path.is_file():
+    if not storage.exists(path):
         raise FileNotFoundError(f"phi checkpoint {path} not found: run `xbt pretrain-phi` first "
                                 "(or set train.phi_init=random)")
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+    blob = storage.load_torch(path)
     if not isinstance(blob, dict) or "phi" not in blob:
         raise ValueError(f"{path} is not a phi checkpoint written by `xbt pretrain-phi`")
     phi = Phi(blob["d_new"], blob["d_old"], blob["hidden"], blob["depth"])
@@ -104,7 +105,9 @@ def run_stage1(cfg: RunConfig, ctx: WorkerContext | None = None, resume: bool = 
         stream = SampleStream(s1.text_shards, mode="text", batch_size=local_batch,
                               rank=ctx.rank, world_size=ctx.world_size, seed=cfg.train.seed,
                               shuffle_buffer=4096, drop_last=True, num_workers=loaders,
-                              pin_memory=ctx.device.type == "cuda")
+                              pin_memory=ctx.device.type == "cuda",
+                              max_bad_fraction=cfg.data.max_bad_fraction,
+                              read_retries=cfg.data.read_retries)
 
         @torch.no_grad()
         def encode(captions):  # both frozen text towers, each with its own tokenizer
@@ -133,8 +136,6 @@ def run_stage1(cfg: RunConfig, ctx: WorkerContext | None = None, resume: bool = 
 
     state = run_loop(name="phi", ctx=ctx, backend=backend, stream=stream, step_fn=step_fn,
                      total_steps=total_steps, global_batch=s1.batch_size, stage_dir=stage_dir,
-                     trainable_state=lambda: {k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
-                     load_trainable=module.load_state_dict,
                      checkpoint_every=cfg.train.checkpoint_every, log_every=cfg.train.log_every,
                      resume=resume, tb_dir=f"{stage_dir}/tb")
     peaks = ctx.gather(peak_rss_mb())  # every rank's own high-water mark
@@ -145,9 +146,11 @@ def run_stage1(cfg: RunConfig, ctx: WorkerContext | None = None, resume: bool = 
               "samples_per_s": mean_rate(state.history),
               "peak_rss_mb": max(peaks), "peak_rss_mb_per_rank": peaks,
               "phi_path": f"{stage_dir}/{PHI_FILE}", "precision": precision}
+    # Collective (a ZeRO-3 all-gather): every rank enters, rank 0 alone writes.
+    with backend.gathered():
+        if ctx.is_main:
+            save_phi(storage.join(stage_dir, PHI_FILE), module.phi, cfg, d_new, d_old)
     if ctx.is_main:
-        with backend.gathered():
-            save_phi(Path(stage_dir) / PHI_FILE, module.phi, cfg, d_new, d_old)
         write_manifest(stage_dir, "phi", config=to_dict(cfg),
                        inputs={"source": s1.source, "data": s1.embeddings or s1.text_shards},
                        counts={"steps": state.step, "samples": state.samples}, result=result,

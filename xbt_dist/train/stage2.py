@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from xbt_dist import storage
 from xbt_dist.artifacts import write_manifest
 from xbt_dist.config import RunConfig, to_dict
 from xbt_dist.data.shards import list_shards, shard_sizes
@@ -41,7 +42,7 @@ ADAPTERS_FILE = "adapters.pt"
 def build_model(cfg: RunConfig, new: ClipBundle, d_old: int) -> XBTModel:
     """The trainable module of a (method-resolved) config, phi initialised per `phi_init`."""
     if cfg.train.phi_init == "stage1":
-        phi = load_phi(Path(cfg.stage_dir("phi")) / PHI_FILE)
+        phi = load_phi(storage.join(cfg.stage_dir("phi"), PHI_FILE))
         if (phi.d_new, phi.d_old) != (new.embed_dim, d_old):
             raise ValueError(f"stage-1 phi maps {phi.d_new}->{phi.d_old} but the models need "
                              f"{new.embed_dim}->{d_old}: it was trained for other models; rerun stage 1")
@@ -57,13 +58,13 @@ def build_model(cfg: RunConfig, new: ClipBundle, d_old: int) -> XBTModel:
 def load_xbt(cfg: RunConfig, new: ClipBundle, d_old: int, path: str | Path | None = None) -> XBTModel:
     """Rebuild the trained XBT model from its base model reference + `adapters.pt`."""
     cfg = resolve_method(cfg)
-    path = Path(path or Path(cfg.stage_dir("train")) / ADAPTERS_FILE)
-    if not path.is_file():
+    path = str(path or storage.join(cfg.stage_dir("train"), ADAPTERS_FILE))
+    if not storage.exists(path):
         raise FileNotFoundError(f"{path} not found: run `xbt train` first")
     cfg = copy.deepcopy(cfg)
     cfg.train.phi_init, cfg.train.target_source = "random", "precomputed"  # weights come from the file
     model = build_model(cfg, new, d_old)
-    model.load_trainable_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+    model.load_trainable_state_dict(storage.load_torch(path))
     return model.eval()
 
 
@@ -108,7 +109,7 @@ def run_stage2(cfg: RunConfig, ctx: WorkerContext | None = None, resume: bool = 
         to_old = _old_inputs(old, new)
         d_old = old.embed_dim
     else:
-        d_old = load_phi(Path(cfg.stage_dir("phi")) / PHI_FILE).d_old
+        d_old = load_phi(storage.join(cfg.stage_dir("phi"), PHI_FILE)).d_old
 
     torch.manual_seed(cfg.train.seed)  # same init (phi, prompts, LoRA) on every run and rank
     model = build_model(cfg, new, d_old).to(ctx.device)
@@ -121,7 +122,9 @@ def run_stage2(cfg: RunConfig, ctx: WorkerContext | None = None, resume: bool = 
                           tokenizer=new.tokenizer, targets=tc.targets if targets else None,
                           rank=ctx.rank, world_size=ctx.world_size, num_workers=tc.num_workers,
                           seed=tc.seed, shuffle_buffer=tc.shuffle_buffer, resampled=tc.resampled,
-                          drop_last=True, pin_memory=ctx.device.type == "cuda")
+                          drop_last=True, pin_memory=ctx.device.type == "cuda",
+                          max_bad_fraction=cfg.data.max_bad_fraction,
+                          read_retries=cfg.data.read_retries)
     sizes = shard_sizes(tc.train_shards)
     n = tc.samples_per_epoch or (sum(sizes.values()) if sizes else 0)
     if not n:
@@ -153,9 +156,8 @@ def run_stage2(cfg: RunConfig, ctx: WorkerContext | None = None, resume: bool = 
 
     state = run_loop(name=f"train:{tc.method}", ctx=ctx, backend=backend, stream=stream,
                      step_fn=step_fn, total_steps=total_steps, global_batch=tc.batch_size,
-                     stage_dir=stage_dir, trainable_state=model.trainable_state_dict,
-                     load_trainable=model.load_trainable_state_dict,
-                     checkpoint_every=tc.checkpoint_every, log_every=tc.log_every, resume=resume,
+                     stage_dir=stage_dir, checkpoint_every=tc.checkpoint_every,
+                     log_every=tc.log_every, resume=resume,
                      tb_dir=f"{stage_dir}/tb")
     wall = time.perf_counter() - t0
     # Each rank skipped its own bad samples and has its own memory peak: report the cluster's.
@@ -174,9 +176,11 @@ def run_stage2(cfg: RunConfig, ctx: WorkerContext | None = None, resume: bool = 
               "precision": precision}
     if skipped and ctx.is_main:
         print(f"[train] skipped bad samples (all ranks): {skipped}", file=sys.stderr)
+    # Collective (a ZeRO-3 all-gather): every rank enters, rank 0 alone writes.
+    with backend.gathered():
+        if ctx.is_main:
+            storage.save_torch(model.trainable_state_dict(), storage.join(stage_dir, ADAPTERS_FILE))
     if ctx.is_main:
-        with backend.gathered():
-            torch.save(model.trainable_state_dict(), Path(stage_dir) / ADAPTERS_FILE)
         write_manifest(stage_dir, "adapters", config=to_dict(cfg),
                        inputs={"train_shards": tc.train_shards, "targets": tc.targets,
                                "phi": cfg.stage_dir("phi") if tc.phi_init == "stage1" else None},
