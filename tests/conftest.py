@@ -68,7 +68,9 @@ def write_tiny_world(root: Path) -> dict:
 # first DeepSpeed run JIT-compiles its CPU ops: minutes on 2 cores); a test's own
 # `@pytest.mark.timeout` wins. Tables keep other files free of edits; `tests/test_suite.py`
 # fails when an entry goes stale.
-CLUSTER_FILES = ("test_dist_ray.py", "test_slurm.py", "test_slurm_xbt.py")
+CLUSTER_FILES = ("test_dist_ray.py", "test_slurm.py", "test_slurm_xbt.py", "test_data_ray.py",
+                 "test_precision_ray.py", "test_embed_job.py", "test_slurm_placement.py",
+                 "test_s3_storage.py")
 SLOW_TESTS: dict[str, float] = {  # seconds in the full `--durations=0` run (shared machine, load ~7)
     "tests/test_dist.py::test_deepspeed_zero2_zero3_match_single_process_on_xbt_model": 1685,  # JIT build wait
     "tests/test_dist.py::test_global_batch_loss_and_grads_match_single_worker": 33,
