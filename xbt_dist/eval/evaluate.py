@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from xbt_dist import storage
 from xbt_dist.artifacts import read_manifest
 from xbt_dist.config import RunConfig
 from xbt_dist.eval.compat import OnOffCheck, compatibility_report, zero_shot_report
@@ -143,10 +144,11 @@ def load_towers(cfg: RunConfig, device: str | torch.device = "cpu") -> Towers:
     """old, new, and (when their files exist) the stage-1 phi and the trained XBT model."""
     old, new = load_clip(cfg.old, device), load_clip(cfg.new, device)
     towers = Towers(old, new, device)
-    phi_path = Path(cfg.stage_dir("phi")) / PHI_FILE
-    if phi_path.is_file():
+    # through the storage layer: out_dir may be an object-store URL (s3://...)
+    phi_path = storage.join(cfg.stage_dir("phi"), PHI_FILE)
+    if storage.exists(phi_path):
         towers.phi = load_phi(phi_path).eval().to(device)
-    if (Path(cfg.stage_dir("train")) / ADAPTERS_FILE).is_file():
+    if storage.exists(storage.join(cfg.stage_dir("train"), ADAPTERS_FILE)):
         # Adapters are injected in place: give them their own copy so `new` stays untouched.
         xbt_base = dataclasses.replace(new, model=copy.deepcopy(new.model))
         towers.xbt = load_xbt(cfg, xbt_base, old.embed_dim).to(device)
@@ -190,7 +192,7 @@ def run_eval(cfg: RunConfig, device: str = "cpu", out_dir: str | None = None) ->
     zero_shot = None
     if ec.zeroshot_shards:
         zero_shot = _zero_shot(ec.zeroshot_shards, towers, ec, on_dev)
-    out = Path(out_dir or cfg.stage_dir("eval"))
+    out = str(out_dir or cfg.stage_dir("eval"))  # a str: write_report takes URLs too
     meta = {"name": cfg.name, "method": cfg.train.method, "target_source": cfg.train.target_source,
             "seed": cfg.train.seed, "old": cfg.old.arch, "new": cfg.new.arch,
             "eval_s": round(time.perf_counter() - t0, 1)}
