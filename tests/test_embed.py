@@ -115,7 +115,6 @@ def test_embed_text_shards_with_plain_callables(tmp_path):
 
 def test_embed_with_model_ref_via_load_clip(tmp_path):
     """The integrator path: encoders given as ModelRefs, loaded by xbt_dist.models.clip.load_clip."""
-    pytest.importorskip("xbt_dist.models.clip")
     from xbt_dist.config import ModelRef
     (tmp_path / "cfg").mkdir()
     (tmp_path / "cfg" / "xbt-data-ref.json").write_text(json.dumps(TINY))
@@ -155,3 +154,17 @@ def test_decode_workers_keep_order_values_and_skip_counts(tmp_path, tiny_bundles
         np.testing.assert_array_equal(a.load(f), b.load(f))
     assert sorted(p.name for p in (tmp_path / "w2").glob("shard-000*")) == [
         "shard-000.image_old.npy", "shard-000.keys.npy", "shard-000.text_new.npy"]
+
+
+def test_embedding_manifest_carries_the_model_file_digest(tmp_path, tiny):
+    """`xbt serve` / `xbt index build` refuse vectors of another old model by this digest: fails
+    when the manifest records only arch/tag (two different checkpoints would look the same)."""
+    import hashlib
+
+    from xbt_dist.config import ModelRef
+    write_image_text_shards(tmp_path / "s", n_shards=1, per_shard=3)
+    ref = ModelRef(arch=tiny["old_arch"], pretrained=tiny["old_checkpoint"], config_dir=tiny["models_dir"])
+    embed_shards(tmp_path / "s", tmp_path / "e", {"old": ref}, ["image_old", "text_old"], progress=None)
+    recorded = EmbeddingShardSet(tmp_path / "e", require_complete=True).manifest["inputs"]["models"]["old"]
+    digest = hashlib.sha256(open(tiny["old_checkpoint"], "rb").read()).hexdigest()
+    assert recorded["sha256"] == digest and recorded["pretrained"] == tiny["old_checkpoint"]

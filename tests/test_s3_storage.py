@@ -12,6 +12,8 @@ same run on a local out_dir.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -45,9 +47,8 @@ def s3_cluster(tmp_path_factory):
     os.environ.update(env)
     import fsspec.config
     fsspec.config.conf.setdefault("s3", {})["endpoint_url"] = endpoint  # this (already-importing) process
-    scratch = [root / f"node{i}-tmp" for i in range(2)]
-    for d in scratch:
-        d.mkdir()
+    # short paths: Ray puts AF_UNIX sockets below TMPDIR, and those may not exceed 107 bytes
+    scratch = [Path(tempfile.mkdtemp(prefix=f"xbt-n{i}-")) for i in range(2)]
     try:
         with open(root / "nodes.log", "w") as log:
             c = T.LocalRayCluster(nodes=2, cpus_per_node=1,
@@ -58,6 +59,8 @@ def s3_cluster(tmp_path_factory):
                 c.stop()
     finally:
         server.stop()
+        for d in scratch:
+            shutil.rmtree(d, ignore_errors=True)
         fsspec.config.conf.get("s3", {}).pop("endpoint_url", None)
         for k, v in saved.items():
             if v is None:
@@ -93,7 +96,7 @@ def test_s3_out_dir_two_nodes_kill_resume_every_artifact(s3_cluster, tiny, tmp_p
 
     fs = s3fs.S3FileSystem(endpoint_url=s3_cluster["endpoint"])
     fs.mkdir(BUCKET)
-    emb = _text_embeddings(tmp_path / "emb")
+    emb = _text_embeddings(tmp_path / "emb", d_new=24, d_old=16)  # the tiny models' dims
     cluster = s3_cluster["cluster"]
     # The reference: the same run on a local out_dir, no fault.
     local = _cfg(tiny, str(tmp_path / "local"), emb, cluster)

@@ -154,7 +154,10 @@ def resolve_encoders(encoders: dict[str, Any], fields: Sequence[str], device: st
 def _describe(value: Any) -> Any:
     ref = getattr(value, "ref", None) if not type(value).__name__ == "ModelRef" else value
     if ref is not None and hasattr(ref, "arch"):
-        return {"arch": ref.arch, "pretrained": getattr(ref, "pretrained", None)}
+        # arch, pretrained tag or file, and the file's sha256: the identity `xbt serve` and
+        # `xbt index build` compare before they query these vectors with a trained run
+        from xbt_dist.index.identity import model_identity
+        return model_identity(ref)
     return getattr(value, "__name__", type(value).__name__)
 
 
