@@ -259,14 +259,18 @@ class DeepSpeedBackend:
         import deepspeed
 
         params = [p for p in self.model.parameters() if p.requires_grad]
+        # Only the gathered (trainable) 0-dim params are whole here: a frozen one (open_clip's own
+        # logit_scale) stays partitioned, empty on every rank once it passes the persistence
+        # threshold, and cannot be shown as shape ().
+        zero_dim = [p for p in self._zero_dim if p.requires_grad]
         with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
             # Show 0-dim params in their model shape so state dicts match a single-device model.
-            for p in self._zero_dim:
+            for p in zero_dim:
                 p.data = p.data.reshape(())
             try:
                 yield
             finally:
-                for p in self._zero_dim:
+                for p in zero_dim:
                     p.data = p.data.reshape(1)
 
     # -- run state (the checkpoint's backend half, see xbt_dist.train.optim_state) -----------
