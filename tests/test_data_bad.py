@@ -48,7 +48,10 @@ def test_shard_deleted_mid_epoch_is_skipped_and_counted(tmp_path):
 def test_missing_targets_file_and_keys_are_skipped_and_counted(tmp_path):
     paths = write_image_text_shards(tmp_path / "s", n_shards=3, per_shard=4)
     targets_for(tmp_path / "e", paths, 4, drop_key="00100002")
-    os.remove(tmp_path / "e" / f"{shard_name(paths[2])}.npz")
+    gone = list((tmp_path / "e").glob(f"{shard_name(paths[2])}.*"))  # npy layout: keys + fields
+    assert gone
+    for f in gone:
+        os.remove(f)
     s = SampleStream(tmp_path / "s", batch_size=2, transform=TO_TENSOR, targets=tmp_path / "e")
     keys = keys_of(list(s))
     assert sorted(keys) == sorted(f"{sh:03d}{i:05d}" for sh in (0, 1) for i in range(4)
