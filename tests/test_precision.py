@@ -218,7 +218,7 @@ def _mean_loss_worker(rank, world_size, out_dir):
 
     state = run_loop(name="mean", ctx=ctx, backend=backend, stream=_RankBatches(rank), step_fn=step_fn,
                      total_steps=4, global_batch=2 * world_size, stage_dir=f"{out_dir}/stage",
-                     trainable_state=module.state_dict, load_trainable=module.load_state_dict, log_every=1)
+                     log_every=1)
     gathered = [None] * world_size
     dist.all_gather_object(gathered, local)
     if rank == 0:
