@@ -121,3 +121,30 @@ def tiny_cfg(tiny, tmp_path):
         "train.max_steps=3", "train.log_every=1", "train.num_workers=0", "eval.tsne_points=10",
         "adapters.text_prompts=2", "adapters.visual_prompts=2"])
     return cfg
+
+
+def local_ray_cluster(tmp_path_factory, nodes: int, cpus_per_node: int):
+    """Generator body of the module-scoped `cluster` fixtures of the Ray test files: a fresh local
+    Ray cluster (any Ray this process had is shut down first), stopped afterwards."""
+    import ray
+
+    from xbt_dist.dist import testing as T
+
+    if ray.is_initialized():
+        ray.shutdown()
+    root = tmp_path_factory.mktemp("ray")
+    with open(root / "nodes.log", "w") as log:
+        c = T.LocalRayCluster(nodes=nodes, cpus_per_node=cpus_per_node).start(log=log)
+        yield c
+        c.stop()
+
+
+def flat_state(state: dict, prefix: str = "") -> dict:
+    """A nested state dict as one level of dotted names (for tensor-by-tensor comparisons)."""
+    out = {}
+    for k, v in state.items():
+        if isinstance(v, dict):
+            out.update(flat_state(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out

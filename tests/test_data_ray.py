@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import local_ray_cluster
 import ray.cloudpickle
 
 from xbt_dist.config import DistConfig, RunConfig
@@ -51,15 +52,7 @@ def stream_stage(cfg, ctx, resume: bool = False, shards: str = "", victim: str =
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    root = tmp_path_factory.mktemp("ray")
-    with open(root / "nodes.log", "w") as log:
-        c = T.LocalRayCluster(nodes=1, cpus_per_node=2).start(log=log)
-        yield c
-        c.stop()
+    yield from local_ray_cluster(tmp_path_factory, nodes=1, cpus_per_node=2)
 
 
 def _setup(tmp_path, cluster, max_failures):

@@ -11,6 +11,7 @@ Ray tests (placement on two nodes, fault recovery) are in test_dist_ray.py.
 from __future__ import annotations
 
 import pytest
+from conftest import flat_state
 import torch
 import torch.nn.functional as F
 
@@ -62,14 +63,7 @@ def _zero_worker(rank, world_size, out_dir, stages):
                        f"{out_dir}/zero{stage}.pt")
 
 
-def _flat(state: dict, prefix="") -> dict:
-    out = {}
-    for k, v in state.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
+_flat = flat_state
 
 
 def test_deepspeed_zero2_zero3_match_single_process_on_xbt_model(tmp_path):

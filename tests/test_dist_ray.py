@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import flat_state, local_ray_cluster
 import torch
 
 from xbt_dist.config import DistConfig, OptimConfig, RunConfig, Stage1Config, TrainConfig
@@ -35,15 +36,7 @@ pytestmark = pytest.mark.timeout(1200)
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    root = tmp_path_factory.mktemp("ray")
-    with open(root / "nodes.log", "w") as log:
-        c = T.LocalRayCluster(nodes=2, cpus_per_node=1).start(log=log)
-        yield c
-        c.stop()
+    yield from local_ray_cluster(tmp_path_factory, nodes=2, cpus_per_node=1)
 
 
 def _cfg(tmp_path, cluster, **dist) -> RunConfig:
@@ -100,14 +93,7 @@ def _random_fault_step(lo: int, hi: int) -> int:
     return int(os.environ.get("XBT_TEST_FAULT_STEP", step))
 
 
-def _flat(state: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in state.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
+_flat = flat_state
 
 
 def _assert_bit_identical(a: dict, b: dict, what: str) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import local_ray_cluster
 import torch
 
 from xbt_dist.dist import testing as T
@@ -32,15 +33,7 @@ def _flat(state: dict, prefix="") -> dict:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    root = tmp_path_factory.mktemp("ray")
-    with open(root / "nodes.log", "w") as log:
-        c = T.LocalRayCluster(nodes=1, cpus_per_node=2).start(log=log)
-        yield c
-        c.stop()
+    yield from local_ray_cluster(tmp_path_factory, nodes=1, cpus_per_node=2)
 
 
 def _both(tiny_cfg, cluster, stage_fn, stage):

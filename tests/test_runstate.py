@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import flat_state
 import torch
 
 from xbt_dist import storage
@@ -54,14 +55,7 @@ def _fresh_model():
     return model
 
 
-def _flat(state: dict, prefix="") -> dict:
-    out = {}
-    for k, v in state.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
+_flat = flat_state
 
 
 def _assert_equal_states(a: dict, b: dict, what: str):
