@@ -10,6 +10,12 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray 2.60 starts a local instance with token authentication on, and a driver's auth mode is
+# process-global: after one test's `ray.init(address="local")` every later connection of this
+# process to a test cluster (started without auth, see LocalRayCluster) sends a token, and Ray
+# Train's controller actor is cancelled before it starts. Every Ray the tests start is a
+# throwaway on 127.0.0.1, so the whole session runs without token auth.
+os.environ["RAY_AUTH_MODE"] = "disabled"
 torch.set_num_threads(2)
 
 TINY_OLD = {"embed_dim": 16, "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
