@@ -81,7 +81,9 @@ dt = time.perf_counter() - t
 del it  # DataLoader workers exit and are reaped: their CPU time lands in RUSAGE_CHILDREN
 cpu = sum(getattr(resource.getrusage(w), f) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
           for f in ("ru_utime", "ru_stime")) - cpu0
-peak = max(peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child of the bench process that
+# generated the sets (GBs) would report the parent's peak as its own
+peak = max(peak, next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024)
 print(json.dumps({"rows_per_s": n / dt, "rows_per_cpu_s": n / max(cpu, 1e-9), "rows": n + len(first["w_new"]), "first_batch_s": t_first,
                   "peak_rss_mb": peak, "rss_marks_mb": marks, "dtype": str(first["w_new"].dtype)}))
 '''
