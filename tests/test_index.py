@@ -174,6 +174,34 @@ def test_backfill_informed_order_beats_random_when_old_rows_are_bad():
     assert auc([0, 0.5, 1], [0, 1, 1]) == pytest.approx(0.75)
 
 
+def test_backfill_zscore_merge_survives_a_new_space_on_another_scale():
+    """Catches: merging raw cosines of two spaces. The new model here shares one direction across
+    all its embeddings (every new-space cosine is high), so under a raw merge the re-embedded
+    non-matches outrank old-space positives and half a backfill is worse than none; the per-query
+    z-score merge keeps the mixed gallery between its two ends, which both merges share."""
+    from xbt_dist.index.backfill import backfill_curves
+    rng = np.random.default_rng(1)
+    n, d = 300, 16
+    truth = rng.normal(size=(n, d))
+    common = 6.0 * np.ones(d) / np.sqrt(d)
+    old = {"image": truth + 0.6 * rng.normal(size=(n, d)), "text": truth + 0.6 * rng.normal(size=(n, d))}
+    new = {m: truth + 0.2 * rng.normal(size=(n, d)) + common for m in ("image", "text")}
+    keys = np.array([f"k{i}" for i in range(n)])
+    q_old, q_new = truth + 0.6 * rng.normal(size=(n, d)), truth + 0.3 * rng.normal(size=(n, d)) + common
+    queries = {"xbt": {"text": q_old, "image": q_old}, "new": {"text": q_new, "image": q_new},
+               "caption_keys": list(keys), "image_keys": list(keys)}
+    budgets = [0.0, 0.5, 1.0]
+    raw = backfill_curves(queries, old, new, keys, budgets, (1,), policies=("random",), merge="raw")
+    z = backfill_curves(queries, old, new, keys, budgets, (1,), policies=("random",), merge="zscore")
+    for d in ("t2i", "i2t"):
+        r, c = [p["R@1"] for p in raw["random"][d]], [p["R@1"] for p in z["random"][d]]
+        assert r[0] == c[0] and r[-1] == c[-1]                 # same ends: one space each
+        assert r[1] < min(r[0], r[-1]) - 0.1                  # raw: half a backfill is worse than none
+        assert c[1] >= min(c[0], c[-1]) - 0.02 and c[1] > r[1] + 0.1
+    with pytest.raises(ValueError, match="unknown backfill merge"):
+        backfill_curves(queries, old, new, keys, budgets, (1,), merge="rank")
+
+
 def test_backfill_plan_cli_endpoints_match_index_eval(run, tmp_path):
     """Catches: a mixed gallery whose 0% / 100% ends are not xbt/old and new/new."""
     from xbt_dist.cli import main

@@ -3,8 +3,18 @@
 A budget b re-embeds the fraction b of the gallery with the new model. The mixed gallery is then
 searched with BOTH query encoders of the upgraded system: items still holding old embeddings are
 scored with the XBT query (phi(adapted new) lives in the old space), re-embedded items with the
-untouched new model's query (new space), and the two score lists are merged by raw cosine. At
+untouched new model's query (new space), and the two score lists are merged into one ranking. At
 b = 0 this is xbt/old, at b = 1 new/new.
+
+Merging (`MERGES`). The two spaces put cosines on different scales: a new model whose embeddings
+share a common direction scores every item higher, so under a raw-cosine merge re-embedded
+non-matches crowd out old-space positives and a partial backfill can do worse than none.
+- `raw`: raw cosines, as they come;
+- `zscore` (default): each query's scores in each space are standardised by that query's mean and
+  std over a fixed reference sample of the gallery in that space (REFERENCE_ITEMS items, seeded).
+  Per query and space this is an increasing affine map, so b = 0 and b = 1 rank exactly as
+  xbt/old and new/new; in production the reference sample is a few thousand items re-embedded
+  up front (seconds of GPU) and costs one small matrix product per query.
 
 Ordering policies (which items to re-embed first):
 - `random`: a seeded permutation (the baseline of the backfilling literature),
@@ -33,6 +43,8 @@ from xbt_dist.config import RunConfig
 from xbt_dist.index.build import index_dir, load_gallery
 
 POLICIES = ("random", "old_disagreement")
+MERGES = ("zscore", "raw")
+REFERENCE_ITEMS = 2048
 
 
 def order_items(policy: str, old: dict[str, np.ndarray], seed: int = 0) -> np.ndarray:
@@ -51,13 +63,36 @@ def _norm(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
+def reference_rows(n: int, seed: int = 0, size: int = REFERENCE_ITEMS) -> np.ndarray:
+    """The gallery rows whose scores calibrate the `zscore` merge (all rows of a small gallery)."""
+    return np.arange(n) if n <= size else np.sort(np.random.default_rng([seed, 7]).choice(n, size, replace=False))
+
+
+def _standardise(s: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Scores s (queries x items) as z-scores against each query's reference scores ref.
+
+    In float64: an increasing affine map there keeps every distinct float32 score distinct, so
+    an all-old or all-new gallery ranks exactly as before (ties count against the query)."""
+    s, ref = s.astype(np.float64), ref.astype(np.float64)
+    return (s - ref.mean(axis=1, keepdims=True)) / np.maximum(ref.std(axis=1, keepdims=True), 1e-6)
+
+
 def mixed_recall(q_xbt: np.ndarray, q_new: np.ndarray, g_old: np.ndarray, g_new: np.ndarray,
-                 positive: np.ndarray, backfilled: np.ndarray, ks) -> dict[str, float]:
+                 positive: np.ndarray, backfilled: np.ndarray, ks, merge: str = "zscore",
+                 reference: np.ndarray | None = None) -> dict[str, float]:
     """Recall@K of queries against a gallery whose `backfilled` rows hold new embeddings.
 
-    Exact scores (the gallery of an eval set is small); ties count against the query.
+    Exact scores (the gallery of an eval set is small); ties count against the query. `merge`
+    as in the module docstring; `reference`: the calibration rows (default `reference_rows`).
     """
-    s = np.where(backfilled[None, :], _norm(q_new) @ _norm(g_new).T, _norm(q_xbt) @ _norm(g_old).T)
+    if merge not in MERGES:
+        raise ValueError(f"unknown backfill merge {merge!r}: expected one of {MERGES}")
+    s_old = _norm(q_xbt) @ _norm(g_old).T
+    s_new = _norm(q_new) @ _norm(g_new).T
+    if merge == "zscore":
+        ref = reference_rows(len(g_old)) if reference is None else reference
+        s_old, s_new = _standardise(s_old, s_old[:, ref]), _standardise(s_new, s_new[:, ref])
+    s = np.where(backfilled[None, :], s_new, s_old)
     pos_score = s[np.arange(len(positive)), positive]
     s[np.arange(len(positive)), positive] = -np.inf
     rank = (s >= pos_score[:, None]).sum(axis=1)
@@ -70,12 +105,13 @@ def auc(budgets: list[float], values: list[float]) -> float:
 
 
 def backfill_curves(queries: dict, old: dict, new: dict, keys: np.ndarray, budgets, ks,
-                    policies=POLICIES, seed: int = 0) -> dict:
+                    policies=POLICIES, seed: int = 0, merge: str = "zscore") -> dict:
     """{policy: {"orders", "t2i": [{budget, R@K}], "i2t": [...], "auc": {...}}} from embeddings.
 
     `queries` = {"xbt": {"text", "image"}, "new": {"text", "image"}, "caption_keys", "image_keys"}.
     """
     row = {k: i for i, k in enumerate(keys.tolist())}
+    reference = reference_rows(len(keys), seed)
     out = {}
     for policy in policies:
         order = order_items(policy, old, seed)
@@ -88,7 +124,7 @@ def backfill_curves(queries: dict, old: dict, new: dict, keys: np.ndarray, budge
                 keep = np.array([k in row for k in qkeys])
                 pos = np.array([row[k] for k in np.asarray(qkeys)[keep]])
                 r = mixed_recall(queries["xbt"][q_mod][keep], queries["new"][q_mod][keep],
-                                 old[g_mod], new[g_mod], pos, mask, ks)
+                                 old[g_mod], new[g_mod], pos, mask, ks, merge, reference)
                 curves[d].append({"budget": float(b), **r})
         out[policy] = {**curves, "auc": {f"{d} R@{k}": auc(list(budgets), [p[f"R@{k}"] for p in curves[d]])
                                          for d in curves for k in ks}}
@@ -109,8 +145,12 @@ def measure_embed_throughput(encoder, images: list, captions: list[str], n: int 
 
 
 def plan_backfill(cfg: RunConfig, budgets=None, gallery_items: int | None = None,
-                  policies=POLICIES, seed: int = 0, device: str = "cpu", encoder=None) -> dict:
-    """Curves, AUCs and device-hours per budget; writes backfill.json/.md/.png next to the index."""
+                  policies=POLICIES, seed: int = 0, device: str = "cpu", encoder=None,
+                  merge: str = "zscore") -> dict:
+    """Curves, AUCs and device-hours per budget; writes backfill.json/.md/.png next to the index.
+
+    `policies` holds the curves of `merge`; `by_merge` every merge's (so the report shows what
+    calibration buys)."""
     from xbt_dist.index.evaluate import load_queries
     budgets = list(budgets or [i / 10 for i in range(11)])
     ks = cfg.index.ks
@@ -126,7 +166,11 @@ def plan_backfill(cfg: RunConfig, budgets=None, gallery_items: int | None = None
     queries = {v: {"text": encoder.texts(v, qs["captions"]), "image": encoder.images(v, qs["images"])}
                for v in ("xbt", "new")}
     queries.update(caption_keys=qs["caption_keys"], image_keys=qs["image_keys"])
-    curves = backfill_curves(queries, gal["old"][1], gal["new"][1], keys, budgets, ks, policies, seed)
+    if merge not in MERGES:
+        raise ValueError(f"unknown backfill merge {merge!r}: expected one of {MERGES}")
+    by_merge = {m: backfill_curves(queries, gal["old"][1], gal["new"][1], keys, budgets, ks, policies,
+                                   seed, m) for m in MERGES}
+    curves = by_merge[merge]
     tp = measure_embed_throughput(encoder, qs["images"], qs["captions"])
     items = int(gallery_items or len(keys))
     hours = [{"budget": b, "items": int(round(b * items)),
@@ -134,7 +178,8 @@ def plan_backfill(cfg: RunConfig, budgets=None, gallery_items: int | None = None
     res = {"gallery_items_priced": items, "gallery_items_evaluated": int(len(keys)), "ks": list(ks),
            "budgets": budgets, "policies": curves, "throughput": {**tp, "device": device},
            "cost": hours, "seed": seed,
-           "merge": "raw cosine: XBT query vs old rows, new query vs re-embedded rows"}
+           "merge": merge, "by_merge": {m: {p: c["auc"] for p, c in v.items()} for m, v in by_merge.items()},
+           "reference_items": int(len(reference_rows(len(keys), seed)))}
     out = root.parent / "backfill"
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "backfill.json", json.dumps(res, indent=2) + "\n")
@@ -181,5 +226,13 @@ def format_markdown(res: dict) -> str:
     lines.append("|---|" + "---|" * len(next(iter(res["policies"].values()))["auc"]))
     for p, c in res["policies"].items():
         lines.append(f"| {p} | " + " | ".join(f"{v:.3f}" for v in c["auc"].values()) + " |")
-    lines.append(f"\nScores merged by {res['merge']}.\n\n![backfill curves](backfill.png)\n")
+    lines.append(f"\nScores merged by `{res['merge']}` (XBT query vs old rows, new query vs re-embedded "
+                 f"rows; `zscore`: each query's scores standardised per space over "
+                 f"{res['reference_items']} reference items). AUC by merge:\n")
+    lines.append("| merge | policy | " + " | ".join(next(iter(next(iter(res["by_merge"].values())).values()))) + " |")
+    lines.append("|---|---|" + "---|" * len(next(iter(next(iter(res["by_merge"].values())).values()))))
+    for m, pol in res["by_merge"].items():
+        for p, a in pol.items():
+            lines.append(f"| {m} | {p} | " + " | ".join(f"{v:.3f}" for v in a.values()) + " |")
+    lines.append("\n![backfill curves](backfill.png)\n")
     return "\n".join(lines)

@@ -83,6 +83,7 @@ def build_card(cfg: RunConfig) -> dict:
     bf = _json(out / "backfill" / "backfill.json")
     if bf:
         card["backfill"] = {"auc": {p: c["auc"] for p, c in bf["policies"].items()},
+                            "merge": bf.get("merge", "raw"),
                             "cost": bf["cost"], "priced_items": bf["gallery_items_priced"],
                             "throughput": bf["throughput"]}
     else:

@@ -59,7 +59,7 @@ def cmd_backfill(args) -> int:
     from xbt_dist.index.backfill import plan_backfill
     cfg = _load(args)
     res = plan_backfill(cfg, budgets=args.budgets, gallery_items=args.gallery_items, seed=args.seed,
-                        device="cuda" if args.gpu else "cpu")
+                        device="cuda" if args.gpu else "cpu", merge=args.merge)
     print(json.dumps({"auc": {p: c["auc"] for p, c in res["policies"].items()},
                       "plot": res["plot"]}, indent=2))
     return 0
@@ -89,6 +89,9 @@ def add_upgrade_parsers(sub) -> None:
     p.add_argument("--gallery-items", type=int, help="price budgets for this many items (default: this gallery)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random ordering")
     p.add_argument("--gpu", action="store_true", help="measure embedding throughput on the GPU")
+    p.add_argument("--merge", choices=["zscore", "raw"], default="zscore",
+                   help="how old-space and new-space scores are merged (default zscore: per query and "
+                        "space, standardised over a reference sample; raw: cosines as they come)")
     p.set_defaults(fn=cmd_backfill)
     p = sub.add_parser("card", help="compatibility card of a run (card.md + card.json), cutover gate")
     _common(p)
