@@ -171,15 +171,28 @@ def _compute_rows(cfg: RunConfig) -> list[dict]:
     return rows
 
 
-def run_eval(cfg: RunConfig, device: str = "cpu", out_dir: str | None = None) -> dict:
+def gallery_shards(cfg: RunConfig, split: str = "test") -> str:
+    """The eval shard set of `split`: `test` = eval.eval_shards, `val` = eval.val_shards."""
+    if split not in ("test", "val"):
+        raise ValueError(f"eval split {split!r}: use 'test' (eval.eval_shards) or 'val' (eval.val_shards)")
+    spec = cfg.eval.eval_shards if split == "test" else cfg.eval.val_shards
+    if not spec:
+        key = "eval.eval_shards" if split == "test" else "eval.val_shards"
+        raise ValueError(f"{key} is not set: point it at a multi-caption eval shard set "
+                         "(the toy world writes eval/ = test and val/ = validation)")
+    return spec
+
+
+def run_eval(cfg: RunConfig, device: str = "cpu", out_dir: str | None = None, split: str = "test") -> dict:
+    """Evaluate on the test gallery (default) or, with split="val", on the validation gallery
+    (report under <out_dir>/eval_val): tune on val, report test."""
     ec = cfg.eval
-    if not ec.eval_shards:
-        raise ValueError("eval.eval_shards is not set: point it at a multi-caption eval shard set")
+    spec = gallery_shards(cfg, split)
     t0 = time.perf_counter()
     cfg = resolve_method(cfg)
     towers = load_towers(cfg, device)
     on_dev = rank_device(ec.rank_device, device)
-    gallery = towers.stream(ec.eval_shards, ec, "retrieval", "eval set")
+    gallery = towers.stream(spec, ec, "retrieval", f"{split} gallery")
     c2i = gallery.caption_to_image
     compat = compatibility_report(gallery.views, c2i, ks=ec.ks, verdict_ks=ec.criterion_ks,
                                   chunk_size=ec.chunk_size, device=on_dev,
@@ -192,8 +205,9 @@ def run_eval(cfg: RunConfig, device: str = "cpu", out_dir: str | None = None) ->
     zero_shot = None
     if ec.zeroshot_shards:
         zero_shot = _zero_shot(ec.zeroshot_shards, towers, ec, on_dev)
-    out = str(out_dir or cfg.stage_dir("eval"))  # a str: write_report takes URLs too
+    out = str(out_dir or cfg.stage_dir("eval" if split == "test" else "eval_val"))  # a str: URLs too
     meta = {"name": cfg.name, "method": cfg.train.method, "target_source": cfg.train.target_source,
+            "split": split,
             "seed": cfg.train.seed, "old": cfg.old.arch, "new": cfg.new.arch,
             "eval_s": round(time.perf_counter() - t0, 1)}
     paths = write_report(out, compat, zero_shot, _compute_rows(cfg), views=gallery.views,
