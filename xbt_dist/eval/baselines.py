@@ -159,3 +159,21 @@ def per_query_us(fn, x: torch.Tensor, repeats: int = 5) -> float:
             times.append(time.perf_counter() - t0)
     times.sort()
     return 1e6 * times[len(times) // 2] / len(x)
+
+
+def added_us(base_fn, fn, x_base: torch.Tensor, x: torch.Tensor | None = None, repeats: int = 7) -> float:
+    """Median over interleaved runs of (fn(x) - base_fn(x_base)) wall microseconds per query row:
+    alternating the two keeps drifting machine load out of the difference (may still be < 0
+    within noise when the added work is tiny)."""
+    x = x_base if x is None else x
+    diffs = []
+    with torch.no_grad():
+        base_fn(x_base), fn(x)   # warm-up
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            base_fn(x_base)
+            t1 = time.perf_counter()
+            fn(x)
+            diffs.append((time.perf_counter() - t1) - (t1 - t0))
+    diffs.sort()
+    return 1e6 * diffs[len(diffs) // 2] / len(x)

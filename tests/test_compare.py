@@ -1,0 +1,40 @@
+"""bench.compare end to end on the tiny world: every row of the comparison, both splits, intervals."""
+
+import json
+
+from bench import compare
+from xbt_dist.pipeline import embed_for_config
+
+
+def test_compare_tiny_world(tiny, tiny_cfg, tmp_path):
+    cfg = tiny_cfg
+    cfg.eval.val_shards = tiny["eval"]        # the tiny world has one gallery: enough to run both splits
+    cfg.eval.num_workers = 0
+    embed_for_config(cfg)
+    res = compare.run(cfg, seeds=[0, 1], methods=["xbt"], out=tmp_path / "cmp", n_boot=200)
+    for split in ("val", "test"):
+        rows = res["summary"][split]
+        assert set(rows) == {"old/old", "new/old", "phi", "lsq", "procrustes", "residual", "fusion", "xbt"}
+        x = rows["xbt"]
+        assert len(x["recalls"]["t2i R@1"]) == 2 and x["seeds"] == [0, 1]
+        g = x["gain"]["i2t R@5"]
+        assert g["lo"] <= g["gain"] <= g["hi"] and g["n_queries"] == 12
+        assert rows["xbt"]["params"] > 0 and rows["lsq"]["params"] == 24 * 16 + 16
+        assert rows["fusion"]["params"] == 0 and rows["fusion"]["query_us"]["mean"] > 0
+        # old/old against itself: no gain, no flips
+        assert rows["old/old"]["gain"]["t2i R@1"]["gain"] == 0.0
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "OLD ENCODER AT QUERY TIME" in md and "XBT verdict on test" in md
+    meta = json.loads((tmp_path / "cmp" / "compare.json").read_text())["meta"]
+    assert meta["seeds"] == [0, 1] and len(meta["alpha"]) == 2
+
+
+def test_gallery_split_needs_its_shards(tiny_cfg):
+    import pytest
+    from xbt_dist.eval.evaluate import gallery_shards
+    assert gallery_shards(tiny_cfg, "test") == tiny_cfg.eval.eval_shards
+    tiny_cfg.eval.val_shards = None
+    with pytest.raises(ValueError, match="eval.val_shards is not set"):
+        gallery_shards(tiny_cfg, "val")
+    with pytest.raises(ValueError, match="use 'test'"):
+        gallery_shards(tiny_cfg, "train")
