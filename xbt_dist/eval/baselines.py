@@ -22,6 +22,7 @@ Each `QueryMap` knows its trainable parameter count and fit time; `apply` maps a
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -148,10 +149,23 @@ def fuse(old_view: dict, phi_view: dict, alpha: float) -> dict:
             for mod in old_view}
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Costs are measured on one intra-op thread: on a shared, loaded machine two threads made a
+    tiny MLP ~400x slower per row (thread hand-offs, not work), and a query server runs one query
+    stream per core anyway."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def per_query_us(fn, x: torch.Tensor, repeats: int = 5) -> float:
-    """Median wall microseconds per query row of `fn(x)` (batched, CPU, no grad)."""
+    """Median wall microseconds per query row of `fn(x)` (batched, CPU, one thread, no grad)."""
     times = []
-    with torch.no_grad():
+    with torch.no_grad(), one_thread():
         fn(x)   # warm-up
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -167,7 +181,7 @@ def added_us(base_fn, fn, x_base: torch.Tensor, x: torch.Tensor | None = None, r
     within noise when the added work is tiny)."""
     x = x_base if x is None else x
     diffs = []
-    with torch.no_grad():
+    with torch.no_grad(), one_thread():
         base_fn(x_base), fn(x)   # warm-up
         for _ in range(repeats):
             t0 = time.perf_counter()
