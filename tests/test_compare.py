@@ -38,3 +38,21 @@ def test_gallery_split_needs_its_shards(tiny_cfg):
         gallery_shards(tiny_cfg, "val")
     with pytest.raises(ValueError, match="use 'test'"):
         gallery_shards(tiny_cfg, "train")
+
+
+def test_zero_shot_uses_the_papers_single_prompt_by_default(tiny_cfg):
+    """eval.zeroshot_prompts: "single" embeds one "a photo of a {}." per class; "ensemble" every
+    template of classes.json (the tiny set has 2)."""
+    from xbt_dist.eval import evaluate
+    seen = []
+    towers = evaluate.load_towers(tiny_cfg)
+    real = towers.class_texts
+    towers.class_texts = lambda prompts, bs: seen.append(list(prompts)) or real(prompts, bs)
+    tiny_cfg.eval.num_workers = 0
+    assert tiny_cfg.eval.zeroshot_prompts == "single"
+    single = evaluate._zero_shot(tiny_cfg.eval.zeroshot_shards, towers, tiny_cfg.eval, "cpu")
+    tiny_cfg.eval.zeroshot_prompts = "ensemble"
+    evaluate._zero_shot(tiny_cfg.eval.zeroshot_shards, towers, tiny_cfg.eval, "cpu")
+    assert seen[0] == ["a photo of a red.", "a photo of a green.", "a photo of a blue."]
+    assert seen[1] == ["a photo of red.", "red", "a photo of green.", "green", "a photo of blue.", "blue"]
+    assert "old/old" in str(single)

@@ -213,6 +213,9 @@ class EvalConfig:
     val_shards: str | None = None    # validation gallery (same form, disjoint): `xbt eval --split val`
     zeroshot_shards: str | None = None
     ks: tuple[int, ...] = (1, 5, 10, 50)
+    # Zero-shot class prompts: "single" = the paper's one prompt "a photo of a {}."; "ensemble" = the
+    # mean over the zero-shot set's classes.json templates (CLIP's prompt ensembling).
+    zeroshot_prompts: str = "single"
     criterion_ks: tuple[int, ...] = (1, 5)  # Recall@K that must satisfy XBT/old >= old/old
     batch_size: int = 256
     tsne_points: int = 300
@@ -224,6 +227,8 @@ class EvalConfig:
 
     def __post_init__(self):
         _check(self.batch_size > 0, "eval.batch_size", self.batch_size, "a positive int")
+        _check(self.zeroshot_prompts in ("single", "ensemble"), "eval.zeroshot_prompts", self.zeroshot_prompts,
+               "'single' (the paper's \"a photo of a {}.\") or 'ensemble' (classes.json templates)")
         _check(self.num_workers >= 0, "eval.num_workers", self.num_workers, "an int >= 0")
         _check(self.progress_every >= 0, "eval.progress_every", self.progress_every, "an int >= 0")
         _check(self.chunk_size is None or self.chunk_size > 0, "eval.chunk_size", self.chunk_size,

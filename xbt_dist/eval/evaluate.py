@@ -38,6 +38,9 @@ from xbt_dist.train.stage1 import PHI_FILE, load_phi
 from xbt_dist.train.stage2 import ADAPTERS_FILE, load_xbt
 
 
+PAPER_PROMPT = "a photo of a {}."   # the paper's single zero-shot prompt
+
+
 def _log(msg: str) -> None:
     print(f"[eval] {msg}", file=sys.stderr, flush=True)
 
@@ -223,7 +226,9 @@ def _zero_shot(spec: str, towers: Towers, ec, on_dev) -> dict:
         raise FileNotFoundError(f"{meta_path} not found: a zero-shot set needs classes.json "
                                 "with 'classes' and 'templates' (see `xbt prep zeroshot`)")
     meta = json.loads(meta_path.read_text())
-    classes, templates = meta["classes"], meta.get("templates") or ["a photo of a {}."]
+    classes, templates = meta["classes"], meta.get("templates") or [PAPER_PROMPT]
+    if ec.zeroshot_prompts == "single":
+        templates = [PAPER_PROMPT]
     prompts = [t.format(c) for c in classes for t in templates]
     # Class prompts first: the streamed pass below then only needs the image towers.
     on_off, towers.on_off = towers.on_off, None           # the check is on the retrieval set
