@@ -36,6 +36,7 @@ from xbt_dist.eval import stats
 from xbt_dist.eval.evaluate import gallery_shards, load_towers
 from xbt_dist.eval.report import md_table
 from xbt_dist.models.phi import phi_num_params
+from xbt_dist.train.model import resolve_method
 
 TRAINED: dict[str, list[str]] = {          # method -> overrides (same data budget for all)
     "xbt": [],
@@ -107,7 +108,7 @@ def gallery(cfg: RunConfig, split: str) -> dict:
     path = Path(cfg.out_dir) / f"views_{split}.pt"
     if path.is_file():
         return torch.load(path, weights_only=True)
-    towers = load_towers(cfg)
+    towers = load_towers(resolve_method(cfg))
     towers.on_off = None
     s = towers.stream(gallery_shards(cfg, split), cfg.eval, "retrieval", f"{split} gallery")
     res = {"views": {v: {m: x.float() for m, x in d.items()} for v, d in s.views.items()},
@@ -133,7 +134,7 @@ def train_pairs(cfg: RunConfig, out: Path) -> dict[str, torch.Tensor]:
 def _text_cost_us(cfg: RunConfig, texts: list[str]) -> dict[str, float]:
     """CPU microseconds per text query: the old encoder (+ phi: what the fusion adds), phi alone,
     and what the adapted encoder + phi (XBT and the trained baselines) adds over the untouched new one."""
-    towers = load_towers(cfg)
+    towers = load_towers(resolve_method(cfg))
     old_tok, new_tok = towers.old.tokenizer(texts), towers.new.tokenizer(texts)
     cost = {"old": B.per_query_us(towers.old.model.encode_text, old_tok)}
     if towers.phi is not None:
