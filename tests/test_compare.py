@@ -56,3 +56,14 @@ def test_zero_shot_uses_the_papers_single_prompt_by_default(tiny_cfg):
     assert seen[0] == ["a photo of a red.", "a photo of a green.", "a photo of a blue."]
     assert seen[1] == ["a photo of red.", "red", "a photo of green.", "green", "a photo of blue.", "blue"]
     assert "old/old" in str(single)
+
+
+def test_eval_on_the_val_split_writes_its_own_report(tiny, tiny_cfg):
+    from pathlib import Path
+
+    from xbt_dist.eval.evaluate import run_eval
+    tiny_cfg.eval.val_shards, tiny_cfg.eval.num_workers, tiny_cfg.eval.zeroshot_shards = tiny["eval"], 0, None
+    res = run_eval(tiny_cfg, split="val")
+    path = Path(res["paths"]["eval_json"])
+    assert path.parent.name == "eval_val"
+    assert json.loads(path.read_text())["meta"]["split"] == "val"
