@@ -14,6 +14,9 @@ over old/old at R@1 and R@5 of the seed-averaged per-query hits (t2i resamples i
 flip rates (share of queries old/old got right at R@1 that the method's query gets wrong), trainable
 parameters, training seconds and the added per-query cost (CPU microseconds per text query over
 what the deployed new model costs anyway). Writes `<out>/compare.json`, `<out>/compare.md`.
+
+Finished stages (phi.pt, adapters.pt, cached gallery views) under `--out` are reused by their file's
+presence, not by a config digest: give each `--set` variant its own `--out`.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ TRAINED: dict[str, list[str]] = {          # method -> overrides (same data budg
     "base": ["train.method=base"],
     "lora_only": ["train.method=lora_only"],
     "full_tune": ["train.method=full_tune", "train.optim.lr=1e-4"],
+    "xbt_synthetic": ["train.target_source=synthetic"],   # no stored old embeddings (DESIGN.md 3)
 }
 LABELS = {
     "old/old": "old/old (reference)", "new/old": "naive swap (new query)",
@@ -50,6 +54,7 @@ LABELS = {
     "residual": "residual MLP query adapter", "phi": "phi-only (stage 1)",
     "fusion": "old+phi query fusion (training-free; OLD ENCODER AT QUERY TIME)",
     "xbt": "XBT", "base": "Base (paper)", "lora_only": "LoRA-only (paper)", "full_tune": "Full-tune (paper)",
+    "xbt_synthetic": "XBT, synthetic targets",
 }
 SPLITS = ("val", "test")
 ALPHAS = tuple(round(a, 2) for a in np.linspace(0.0, 1.0, 11))
@@ -304,7 +309,7 @@ def main(argv=None) -> int:
     ap.add_argument("--world-seed", type=int, default=0)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--methods", nargs="*", default=["xbt"],
-                    help="trained methods (xbt, base, lora_only, full_tune, or any train.method)")
+                    help=f"trained methods ({', '.join(TRAINED)}, or any train.method)")
     ap.add_argument("--out", default="runs/compare")
     ap.add_argument("--md", help="also write the markdown here")
     ap.add_argument("--boot", type=int, default=stats.DEFAULT_BOOT)
