@@ -30,11 +30,16 @@ from xbt_dist.train.stage1 import run_stage1
 from xbt_dist.train.stage2 import run_stage2
 
 # name -> overrides on top of configs/toy.yaml
+# Base / LoRA-only / Full-tune are the paper's (phi from scratch, old model online, no stage 1); the
+# three variants after them are what those names meant here before issue 12.
 VARIANTS: dict[str, list[str]] = {
     "XBT": [],
-    "LoRA-only": ["train.method=lora_only"],
-    "Base (old model in loop)": ["train.method=base"],
-    "Full-tune": ["train.method=full_tune", "train.optim.lr=1e-4"],
+    "Base (paper)": ["train.method=base"],
+    "LoRA-only (paper)": ["train.method=lora_only"],
+    "Full-tune (paper)": ["train.method=full_tune", "train.optim.lr=1e-4"],
+    "XBT, old model online": ["train.method=xbt_old_online"],
+    "LoRA-only, stored targets": ["train.method=lora_only_stored"],
+    "Full-tune, stage-1 phi": ["train.method=full_tune_stage1", "train.optim.lr=1e-4"],
     "XBT, synthetic targets": ["train.target_source=synthetic"],
     "XBT - image_to_old_text": ["loss.image_to_old_text=0"],
     "XBT - text_to_old_image": ["loss.text_to_old_image=0"],

@@ -64,6 +64,25 @@ def test_eval_multi_captions_and_text_corpus(tmp_path):
     assert all(set(s) - {"__key__", "__url__", "__local_path__"} == {"txt"} for s in texts)
 
 
+def test_val_gallery_is_its_own_and_leaves_the_test_gallery_unchanged(tmp_path):
+    """The validation gallery (tuning) shares no image, key or scene with the test gallery
+    (reporting), has the same multi-caption form, and adding it does not change `eval/`."""
+    world.write_split(tmp_path / "eval", "eval", 40, 0, image_size=32)
+    before = (tmp_path / "eval/shard-000000.tar").read_bytes()
+    m = world.write_split(tmp_path / "val", "val", 40, 0, image_size=32)
+    assert m["kind"] == "multi-caption-eval-shards" and m["counts"]["samples"] == 40
+    test, val = _samples(tmp_path / "eval"), _samples(tmp_path / "val")
+    assert all(s["__key__"].startswith("val") for s in val)
+    assert not {s["jpg"] for s in test} & {s["jpg"] for s in val}
+    scene = lambda s: json.dumps({k: v for k, v in json.loads(s["json"]).items() if k != "captions"},
+                                 sort_keys=True)
+    assert not {scene(s) for s in test} & {scene(s) for s in val}
+    assert all(len(json.loads(s["json"])["captions"]) == 5 for s in val)
+    world.write_split(tmp_path / "eval2", "eval", 40, 0, image_size=32)
+    assert (tmp_path / "eval2/shard-000000.tar").read_bytes() == before
+    assert ToyWorldConfig(n_eval=16).n_val == 16 and ToyWorldConfig(n_val=8).n_val == 8
+
+
 def test_zeroshot_classes(tmp_path):
     world.write_split(tmp_path / "zs", "zeroshot", 10, 0, image_size=32)
     classes = json.loads((tmp_path / "zs/classes.json").read_text())
@@ -111,6 +130,7 @@ def test_tiny_build_trains_loadable_models_and_resumes(tmp_path):
     assert (models / "toy-old.json").is_file() and (models / "toy-new.json").is_file()
     assert set(out["recalls"]) == {"old/old", "new/new"}
     assert read_manifest(tmp_path / "w")["kind"] == "toy-world"
+    assert read_manifest(out["val"])["counts"]["samples"] == 16    # n_val defaults to n_eval
 
     open_clip.add_model_config(models / "toy-old.json")
     m1 = open_clip.create_model(out["old_arch"], pretrained=out["old_checkpoint"]).eval()

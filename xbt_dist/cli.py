@@ -84,7 +84,7 @@ def cmd_embed(args) -> int:
 
 def cmd_eval(args) -> int:
     from xbt_dist.eval.evaluate import run_eval
-    res = run_eval(_load(args), device="cuda" if args.use_gpu else "cpu", out_dir=args.out)
+    res = run_eval(_load(args), device="cuda" if args.use_gpu else "cpu", out_dir=args.out, split=args.split)
     _print({"verdict": res["compat"]["verdict"], "report": res["paths"]})
     return 0
 
@@ -135,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_embed)
     p = sub.add_parser("eval", help="compatibility report of a trained run")
     _stage_args(p, resume=False)
-    p.add_argument("--out", help="report directory (default <out_dir>/eval)")
+    p.add_argument("--out", help="report directory (default <out_dir>/eval, or <out_dir>/eval_val)")
+    p.add_argument("--split", choices=("test", "val"), default="test",
+                   help="gallery: test = eval.eval_shards (reported), val = eval.val_shards (for tuning)")
     p.set_defaults(fn=cmd_eval)
     p = sub.add_parser("params", help="trainable parameters per method (paper Table 6)")
     _stage_args(p, resume=False)

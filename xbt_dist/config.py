@@ -122,14 +122,16 @@ FP16_REFUSED = ("dist.precision='fp16' is not supported: fp16 needs dynamic loss
                 "does not apply (its trainables stay fp32 under autocast, and DeepSpeed's fp16 mode would cast "
                 "every weight to fp16). Fix: use dist.precision=bf16 (fp32's range, no loss scaling; GPUs "
                 "since NVIDIA Ampere, and CPUs) or fp32.")
-METHODS = ("xbt", "lora_only", "base", "full_tune")
+# xbt and the paper's Table 6 baselines, then the ablations that were named base/lora_only/full_tune
+# before issue 12 (xbt_dist/train/model.py:resolve_method says what each trains and from where).
+METHODS = ("xbt", "lora_only", "base", "full_tune", "xbt_old_online", "lora_only_stored", "full_tune_stage1")
 TARGET_SOURCES = ("precomputed", "old_model", "synthetic")
 
 
 @dataclass
 class TrainConfig:
     """Stage 2 (XBT) training."""
-    method: str = "xbt"              # xbt | lora_only | base | full_tune (paper Table 6 rows)
+    method: str = "xbt"              # one of METHODS (paper Table 6 rows + ablations)
     target_source: str = "precomputed"  # precomputed | old_model | synthetic (DESIGN.md section 3)
     train_shards: str | None = None  # image-text shard set
     targets: str | None = None       # embedding shard set with image_old/text_old (precomputed)
@@ -207,9 +209,13 @@ class DistConfig:
 @dataclass
 class EvalConfig:
     """Evaluation sets and metrics."""
-    eval_shards: str | None = None   # multi-caption eval shard set
+    eval_shards: str | None = None   # multi-caption eval shard set: the TEST gallery that results report
+    val_shards: str | None = None    # validation gallery (same form, disjoint): `xbt eval --split val`
     zeroshot_shards: str | None = None
     ks: tuple[int, ...] = (1, 5, 10, 50)
+    # Zero-shot class prompts: "single" = the paper's one prompt "a photo of a {}."; "ensemble" = the
+    # mean over the zero-shot set's classes.json templates (CLIP's prompt ensembling).
+    zeroshot_prompts: str = "single"
     criterion_ks: tuple[int, ...] = (1, 5)  # Recall@K that must satisfy XBT/old >= old/old
     batch_size: int = 256
     tsne_points: int = 300
@@ -221,6 +227,8 @@ class EvalConfig:
 
     def __post_init__(self):
         _check(self.batch_size > 0, "eval.batch_size", self.batch_size, "a positive int")
+        _check(self.zeroshot_prompts in ("single", "ensemble"), "eval.zeroshot_prompts", self.zeroshot_prompts,
+               "'single' (the paper's \"a photo of a {}.\") or 'ensemble' (classes.json templates)")
         _check(self.num_workers >= 0, "eval.num_workers", self.num_workers, "an int >= 0")
         _check(self.progress_every >= 0, "eval.progress_every", self.progress_every, "an int >= 0")
         _check(self.chunk_size is None or self.chunk_size > 0, "eval.chunk_size", self.chunk_size,

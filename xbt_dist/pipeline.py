@@ -77,6 +77,7 @@ def toy_run_config(world: dict, out: Path, recipe: str | Path | None = None,
     cfg.train.train_shards = world["train"]
     cfg.train.targets = str(out / "emb" / "train")
     cfg.eval.eval_shards = world["eval"]
+    cfg.eval.val_shards = world.get("val")
     cfg.eval.zeroshot_shards = world["zeroshot"]
     return cfg
 

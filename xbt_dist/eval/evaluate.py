@@ -38,6 +38,9 @@ from xbt_dist.train.stage1 import PHI_FILE, load_phi
 from xbt_dist.train.stage2 import ADAPTERS_FILE, load_xbt
 
 
+PAPER_PROMPT = "a photo of a {}."   # the paper's single zero-shot prompt
+
+
 def _log(msg: str) -> None:
     print(f"[eval] {msg}", file=sys.stderr, flush=True)
 
@@ -171,15 +174,28 @@ def _compute_rows(cfg: RunConfig) -> list[dict]:
     return rows
 
 
-def run_eval(cfg: RunConfig, device: str = "cpu", out_dir: str | None = None) -> dict:
+def gallery_shards(cfg: RunConfig, split: str = "test") -> str:
+    """The eval shard set of `split`: `test` = eval.eval_shards, `val` = eval.val_shards."""
+    if split not in ("test", "val"):
+        raise ValueError(f"eval split {split!r}: use 'test' (eval.eval_shards) or 'val' (eval.val_shards)")
+    spec = cfg.eval.eval_shards if split == "test" else cfg.eval.val_shards
+    if not spec:
+        key = "eval.eval_shards" if split == "test" else "eval.val_shards"
+        raise ValueError(f"{key} is not set: point it at a multi-caption eval shard set "
+                         "(the toy world writes eval/ = test and val/ = validation)")
+    return spec
+
+
+def run_eval(cfg: RunConfig, device: str = "cpu", out_dir: str | None = None, split: str = "test") -> dict:
+    """Evaluate on the test gallery (default) or, with split="val", on the validation gallery
+    (report under <out_dir>/eval_val): tune on val, report test."""
     ec = cfg.eval
-    if not ec.eval_shards:
-        raise ValueError("eval.eval_shards is not set: point it at a multi-caption eval shard set")
+    spec = gallery_shards(cfg, split)
     t0 = time.perf_counter()
     cfg = resolve_method(cfg)
     towers = load_towers(cfg, device)
     on_dev = rank_device(ec.rank_device, device)
-    gallery = towers.stream(ec.eval_shards, ec, "retrieval", "eval set")
+    gallery = towers.stream(spec, ec, "retrieval", f"{split} gallery")
     c2i = gallery.caption_to_image
     compat = compatibility_report(gallery.views, c2i, ks=ec.ks, verdict_ks=ec.criterion_ks,
                                   chunk_size=ec.chunk_size, device=on_dev,
@@ -192,8 +208,9 @@ def run_eval(cfg: RunConfig, device: str = "cpu", out_dir: str | None = None) ->
     zero_shot = None
     if ec.zeroshot_shards:
         zero_shot = _zero_shot(ec.zeroshot_shards, towers, ec, on_dev)
-    out = str(out_dir or cfg.stage_dir("eval"))  # a str: write_report takes URLs too
+    out = str(out_dir or cfg.stage_dir("eval" if split == "test" else "eval_val"))  # a str: URLs too
     meta = {"name": cfg.name, "method": cfg.train.method, "target_source": cfg.train.target_source,
+            "split": split,
             "seed": cfg.train.seed, "old": cfg.old.arch, "new": cfg.new.arch,
             "eval_s": round(time.perf_counter() - t0, 1)}
     paths = write_report(out, compat, zero_shot, _compute_rows(cfg), views=gallery.views,
@@ -209,7 +226,9 @@ def _zero_shot(spec: str, towers: Towers, ec, on_dev) -> dict:
         raise FileNotFoundError(f"{meta_path} not found: a zero-shot set needs classes.json "
                                 "with 'classes' and 'templates' (see `xbt prep zeroshot`)")
     meta = json.loads(meta_path.read_text())
-    classes, templates = meta["classes"], meta.get("templates") or ["a photo of a {}."]
+    classes, templates = meta["classes"], meta.get("templates") or [PAPER_PROMPT]
+    if ec.zeroshot_prompts == "single":
+        templates = [PAPER_PROMPT]
     prompts = [t.format(c) for c in classes for t in templates]
     # Class prompts first: the streamed pass below then only needs the image towers.
     on_off, towers.on_off = towers.on_off, None           # the check is on the retrieval set

@@ -4,7 +4,8 @@
 
     train/      image-caption shards (jpg, txt, json with all paraphrases)    manifest.json, sizes.json
     text/       caption-only shards, the stage-1 corpus (txt)                  manifest.json, sizes.json
-    eval/       held-out gallery, json["captions"] = all captions, txt = first manifest.json, sizes.json
+    eval/       held-out TEST gallery, json["captions"] = all captions, txt = first  manifest.json, sizes.json
+    val/        held-out VALIDATION gallery, same form, its own scenes: tuned defaults are picked here
     zeroshot/   single-object images with cls + classes.json                   manifest.json, sizes.json
     models/     toy-old.json, toy-new.json (open_clip configs), old.pt, new.pt,
                 old.train.json, new.train.json (training summary + recalls), manifest.json
@@ -34,7 +35,9 @@ class ToyWorldConfig:
     image_size: int = 64           # image side in pixels (the toy CLIPs use patch 8, so a multiple of 8)
     n_train: int = 12_000          # image-caption training pairs (train/)
     n_text: int = 60_000           # caption-only corpus for stage-1 phi pretraining (text/)
-    n_eval: int = 1_000            # held-out gallery images (eval/)
+    n_eval: int = 1_000            # held-out test gallery images (eval/): what docs/RESULTS.md reports
+    n_val: int | None = None       # held-out validation gallery images (val/), where defaults are
+                                   # tuned; None: as many as the test gallery (n_eval)
     n_zeroshot: int = 1_000        # labelled single-object images (zeroshot/)
     eval_captions: int = 5         # paraphrases per eval (and train) image, 1..5
     per_shard: int = 2_000         # samples per image shard
@@ -50,7 +53,9 @@ class ToyWorldConfig:
     evaluate: bool = True          # compute old/old and new/new recalls on eval/ into the manifest
 
     def __post_init__(self):
-        for name in ("n_train", "n_text", "n_eval", "n_zeroshot", "per_shard", "text_per_shard",
+        if self.n_val is None:
+            self.n_val = self.n_eval
+        for name in ("n_train", "n_text", "n_eval", "n_val", "n_zeroshot", "per_shard", "text_per_shard",
                      "old_epochs", "new_epochs", "batch_size", "threads"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -76,7 +81,8 @@ def generate_world(out_dir: str | Path, cfg: ToyWorldConfig) -> dict[str, float]
     """Write the four shard sets (skipping finished ones); returns seconds per split."""
     out_dir = Path(out_dir)
     plan = [("train", cfg.n_train, cfg.per_shard), ("text", cfg.n_text, cfg.text_per_shard),
-            ("eval", cfg.n_eval, cfg.per_shard), ("zeroshot", cfg.n_zeroshot, cfg.per_shard)]
+            ("eval", cfg.n_eval, cfg.per_shard), ("val", cfg.n_val, cfg.per_shard),
+            ("zeroshot", cfg.n_zeroshot, cfg.per_shard)]
     seconds = {}
     for split, n, per_shard in plan:
         t0 = time.time()
@@ -140,7 +146,7 @@ def train_base_models(out_dir: str | Path, cfg: ToyWorldConfig) -> dict:
 def build_toy_world(out_dir: str | Path, cfg: ToyWorldConfig | None = None) -> dict:
     """Generate the world and train both base CLIPs under `out_dir`; resumable, idempotent.
 
-    Returns paths and names: `root`, `train`, `text`, `eval`, `zeroshot`, `models_dir` (open_clip
+    Returns paths and names: `root`, `train`, `text`, `eval` (test gallery), `val`, `zeroshot`, `models_dir` (open_clip
     JSON configs, pass to `open_clip.add_model_config` / `ModelRef.config_dir`), `old_arch`,
     `old_checkpoint`, `new_arch`, `new_checkpoint`, plus `seconds` per part and `recalls`."""
     cfg = cfg or ToyWorldConfig()
@@ -168,7 +174,7 @@ def build_toy_world(out_dir: str | Path, cfg: ToyWorldConfig | None = None) -> d
     write_manifest(out_dir, "toy-world", config=asdict(cfg),
                    inputs={"generator": "xbt_dist.toy"},
                    counts={"train": cfg.n_train, "text": cfg.n_text, "eval": cfg.n_eval,
-                           "zeroshot": cfg.n_zeroshot},
+                           "val": cfg.n_val, "zeroshot": cfg.n_zeroshot},
                    seconds=seconds, recalls=recalls,
                    paths={k: v for k, v in result.items()})
     return {**result, "seconds": seconds, "recalls": recalls}

@@ -48,6 +48,7 @@ BACKGROUNDS = {"white": (238, 238, 238), "gray": (140, 140, 140), "black": (22, 
 BACKGROUND_NAMES = tuple(BACKGROUNDS)
 RELATIONS = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 SPLIT_KINDS = {"train": "image-text-shards", "eval": "multi-caption-eval-shards",
+               "val": "multi-caption-eval-shards",
                "text": "text-shards", "zeroshot": "zeroshot-shards"}
 ZEROSHOT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "a rendering of a {}.",
                       "an image showing a {}.")
@@ -298,7 +299,7 @@ def _zeroshot_samples(seed: int, n: int, image_size: int) -> Iterator[dict]:
 
 def write_split(out_dir: str | Path, split: str, n: int, seed: int, image_size: int = 64,
                 per_shard: int = 2000, eval_captions: int = 5) -> dict:
-    """Write one shard set (`train`, `text`, `eval` or `zeroshot`) with sizes.json and
+    """Write one shard set (`train`, `text`, `eval`, `val` or `zeroshot`) with sizes.json and
     manifest.json; returns the manifest."""
     out_dir = Path(out_dir)
     kind = SPLIT_KINDS.get(split)
@@ -315,8 +316,10 @@ def write_split(out_dir: str | Path, split: str, n: int, seed: int, image_size: 
         # Train samples carry all paraphrases in json too: base-CLIP training draws one per epoch.
         sizes = _write_shards(out_dir, _pair_samples(seed, "train", n, image_size, eval_captions),
                               per_shard)
-    elif split == "eval":
-        sizes = _write_shards(out_dir, _pair_samples(seed, "eval", n, image_size, eval_captions),
+    elif split in ("eval", "val"):
+        # val: a gallery of its own (its own random stream, keys "val..."), disjoint from the test
+        # gallery `eval`, so that defaults tuned on it say nothing optimistic about the test numbers.
+        sizes = _write_shards(out_dir, _pair_samples(seed, split, n, image_size, eval_captions),
                               per_shard)
     elif split == "text":
         sizes = _write_shards(out_dir, _text_samples(seed, n), per_shard)
