@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -50,13 +51,43 @@ def launcher_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
+            "BOOT_FAIL", "DEADLINE"}
+
+
+def sbatch_wait(cmd: list[str], timeout: float, **run_kw) -> subprocess.CompletedProcess:
+    """What `sbatch --wait CMD` returns (the job's exit code), without its polling.
+
+    `sbatch --wait` sleeps 2, 8, then 32 s between its checks, so a job of 12 s returned after
+    42 s (three tests here took exactly 42.02 s). Submit with --parsable, then ask `scontrol`
+    every 0.5 s (the local cluster keeps ended jobs for MinJobAge=30 s).
+    """
+    assert "--wait" not in cmd and "--parsable" in cmd
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, **run_kw)
+    if proc.returncode:
+        return proc
+    job_id = proc.stdout.strip().split(";")[0]
+    end = time.time() + timeout
+    while time.time() < end:
+        out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
+        state = re.search(r"JobState=(\S+)", out.stdout)
+        if state is None:
+            raise AssertionError(f"job {job_id} unknown to scontrol: {out.stdout}{out.stderr}")
+        if state.group(1) in TERMINAL:
+            code, sig = map(int, re.search(r"ExitCode=(\d+):(\d+)", out.stdout).groups())
+            rc = code or (128 + sig if sig else 0) or int(state.group(1) != "COMPLETED")
+            return subprocess.CompletedProcess(cmd, rc, proc.stdout, proc.stderr)
+        time.sleep(0.5)
+    raise subprocess.TimeoutExpired(cmd, timeout)
+
+
 def sbatch(tmp_path: Path, config: Path, *args: str, wait: bool = False, env=None) -> subprocess.CompletedProcess:
     cmd = ["sbatch", "--parsable", "-o", str(tmp_path / "slurm-%j.out"), *args]
-    if wait:
-        cmd.insert(1, "--wait")
     cmd += [str(LAUNCHERS / "xbt.slurm"), str(config)]
-    return subprocess.run(cmd, cwd=REPO, env=env or launcher_env(tmp_path), capture_output=True,
-                          text=True, timeout=240)
+    kw = {"cwd": REPO, "env": env or launcher_env(tmp_path)}
+    if wait:
+        return sbatch_wait(cmd, 240, **kw)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=240, **kw)
 
 
 def wait_until(predicate, timeout: float, what: str, poll: float = 1.0):
@@ -221,11 +252,10 @@ def test_impossible_placement_fails_fast_before_ray(tmp_path):
     env = {k: v for k, v in launcher_env(tmp_path).items() if k != "XBT_CMD"}
     cpus = int(subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True).stdout.split()[0])
     workers = cpus + 1
-    proc = subprocess.run(["sbatch", "--wait", "--parsable", "-o", str(tmp_path / "slurm-%j.out"),
-                           str(LAUNCHERS / "xbt.slurm"), str(REPO / "configs" / "toy.yaml"),
-                           "--set", f"dist.workers={workers}", "dist.cpus_per_worker=2",
-                           f"out_dir={tmp_path / 'run'}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=110)
+    proc = sbatch_wait(["sbatch", "--parsable", "-o", str(tmp_path / "slurm-%j.out"),
+                        str(LAUNCHERS / "xbt.slurm"), str(REPO / "configs" / "toy.yaml"),
+                        "--set", f"dist.workers={workers}", "dist.cpus_per_worker=2",
+                        f"out_dir={tmp_path / 'run'}"], 110, cwd=REPO, env=env)
     job_id = proc.stdout.strip().split(";")[0]
     assert proc.returncode != 0
     log = slurm_logs(tmp_path)
@@ -240,10 +270,9 @@ def test_dry_run_in_allocation_prints_plan(tmp_path):
     """`sbatch xbt.slurm --dry-run CONFIG`: the plan for the real allocation, nothing started."""
     env = {k: v for k, v in launcher_env(tmp_path).items() if k != "XBT_CMD"}
     cpus = int(subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True).stdout.split()[0])
-    proc = subprocess.run(["sbatch", "--wait", "--parsable", "-o", str(tmp_path / "slurm-%j.out"),
-                           str(LAUNCHERS / "xbt.slurm"), "--dry-run", str(REPO / "configs" / "toy.yaml"),
-                           "--set", "dist.workers=1", f"out_dir={tmp_path / 'run'}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=110)
+    proc = sbatch_wait(["sbatch", "--parsable", "-o", str(tmp_path / "slurm-%j.out"),
+                        str(LAUNCHERS / "xbt.slurm"), "--dry-run", str(REPO / "configs" / "toy.yaml"),
+                        "--set", "dist.workers=1", f"out_dir={tmp_path / 'run'}"], 110, cwd=REPO, env=env)
     log = slurm_logs(tmp_path)
     assert proc.returncode == 0, proc.stderr + log
     assert f"plan: cpus_per_node={cpus} gpus_per_node=0" in log, log

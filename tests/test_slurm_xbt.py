@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_slurm import _slurm_reason, job_gone, slurm_logs, wait_until
+from test_slurm import _slurm_reason, job_gone, sbatch_wait, slurm_logs, wait_until
 from xbt_dist.config import dump_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,7 +64,7 @@ def _sbatch(tmp_path, config, env, wait=False):
     cmd = ["sbatch", "--parsable", "-o", str(tmp_path / "slurm-%j.out"),
            str(REPO / "launchers" / "xbt.slurm"), str(config)]
     if wait:
-        cmd.insert(1, "--wait")
+        return sbatch_wait(cmd, 500, cwd=REPO, env=env)
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
 
 
