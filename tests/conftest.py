@@ -84,6 +84,7 @@ SLOW_TESTS: dict[str, float] = {  # seconds in the full `--durations=0` run (sha
     "tests/test_prep_to_train.py::test_urls_to_shards_to_xbt_run": 70,
     "tests/test_adapters.py::test_disabled_is_bit_identical_after_training": 35,
     "tests/test_adapters.py::test_each_of_q_k_v_out_lora_is_active": 23,
+    "tests/test_demo.py::test_quick_demo_runs_the_whole_pipeline_from_any_directory": 130,
     "tests/test_compare.py::test_compare_tiny_world": 112,   # 24 s CPU; 2 seeds x (stage 1 + 2 + 2 evals)
     "tests/test_baselines.py::test_residual_adapter_learns_what_a_linear_map_cannot": 40,
     "tests/test_compare.py::test_eval_on_the_val_split_writes_its_own_report": 37,
