@@ -158,25 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_prep_parser(sub)
     from xbt_dist.index.cli import add_upgrade_parsers  # xbt index build|eval, xbt serve
     add_upgrade_parsers(sub)
-    # Listed for --help; main() hands its arguments to launchers/submit.py untouched.
+    # Listed for --help; main() hands its arguments to xbt_dist.submit untouched (its own parser
+    # splits off the stage arguments after `--`).
     sub.add_parser("submit", add_help=False,
-                   help="submit stages or the whole pipeline to SLURM with submitit (launchers/submit.py)")
+                   help="submit stages or the whole pipeline to SLURM with submitit (xbt submit --help)")
     return ap
 
 
 def cmd_submit(argv: list[str]) -> int:
-    # launchers/ lives beside the package in the repository, not inside it: load it by path.
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parent.parent / "launchers" / "submit.py"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: `xbt submit` needs the repository checkout "
-                                "(pip install -e .), or run launchers/submit.py directly")
-    spec = importlib.util.spec_from_file_location("xbt_launchers_submit", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # it registers itself with cloudpickle by module name
-    spec.loader.exec_module(mod)
-    return mod.main(argv)
+    from xbt_dist.submit import main as submit_main  # submitit only when asked for
+    return submit_main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

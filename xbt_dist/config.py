@@ -429,18 +429,36 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
     return data
 
 
+# The shipped recipes, package data (in a checkout a symlink to the repository's configs/).
+RECIPE_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def recipe_path(path: str | Path) -> Path:
+    """`path` if it exists, else the shipped recipe it names (`toy.yaml`, `configs/toy.yaml`).
+
+    The docs write `configs/NAME.yaml`, relative to the repository; from an installed wheel (or
+    another directory) that name still means the recipe shipped with the package.
+    """
+    path = Path(path)
+    if path.is_file() or path.is_absolute() or path.parent.name not in ("", "configs"):
+        return path
+    shipped = RECIPE_DIR / path.name
+    return shipped if shipped.is_file() else path
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Load a YAML recipe (optionally with `base: other.yaml`) and apply dotted overrides."""
     data: dict = {}
     if path is not None:
-        data = _read_yaml(Path(path))
+        data = _read_yaml(recipe_path(path))
     apply_overrides(data, overrides)
     return from_dict(RunConfig, data)
 
 
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
-        raise ConfigError(f"config file {path} not found (recipes live in configs/, e.g. configs/toy.yaml)")
+        raise ConfigError(f"config file {path} not found (shipped recipes: "
+                          f"{', '.join(sorted(p.name for p in RECIPE_DIR.glob('*.yaml')))}, e.g. configs/toy.yaml)")
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe must be a YAML mapping of RunConfig sections")

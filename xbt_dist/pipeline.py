@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Callable
 
 from xbt_dist.artifacts import atomic_write_text, config_digest
-from xbt_dist.config import ModelRef, RunConfig, dump_config, load_config, to_dict
+from xbt_dist.config import RECIPE_DIR, ModelRef, RunConfig, dump_config, load_config, to_dict
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = RECIPE_DIR  # the shipped recipes (package data); old name kept for bench/
 
 
 def run_stage(stage_fn: Callable, cfg: RunConfig, resume: bool = False):
