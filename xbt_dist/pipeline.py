@@ -134,7 +134,7 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, overrides: list[str] 
 def _quick(cfg: RunConfig) -> RunConfig:
     """A seconds-long variant for smoke tests: few steps, small batches."""
     cfg = copy.deepcopy(cfg)
-    cfg.stage1.epochs, cfg.stage1.batch_size = 1.0, 64
+    cfg.stage1.epochs, cfg.stage1.batch_size, cfg.stage1.log_every = 1.0, 64, 2
     cfg.train.max_steps, cfg.train.batch_size, cfg.train.log_every = 4, 16, 2
     cfg.phi.hidden = 64
     cfg.eval.tsne_points = 40
