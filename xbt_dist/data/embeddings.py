@@ -189,10 +189,6 @@ class EmbeddingShard:
             self._key_list = self._keys.tolist()
         return self._key_list
 
-    def keys_at(self, rows: np.ndarray) -> list[str]:
-        """Keys of `rows` (an index array), without building the whole key list."""
-        return self._keys[rows].tolist()
-
     @property
     def index(self) -> dict[str, int]:
         if self._index is None:
