@@ -1,4 +1,4 @@
-"""Bad and missing training data (issue 11 item 2): skipped and counted by reason with the files
+"""Bad and missing training data: skipped and counted by reason with the files
 named, transient read errors retried, and a stop with the files named past max_bad_fraction."""
 
 import os

@@ -29,7 +29,7 @@ def stream(src, **kw):
 
 
 def test_7_shards_2_ranks_x_3_workers_each_shard_opened_once_per_epoch(tmp_path):
-    """Issue 11 item 1: 6 slots, 7 shards: whole shards per slot, each opened by one slot per epoch
+    """6 slots, 7 shards: whole shards per slot, each opened by one slot per epoch
     (counted in the real file opens, in the DataLoader worker processes), every sample once."""
     paths = write_image_text_shards(tmp_path / "s", n_shards=7, per_shard=5)
     log = tmp_path / "trace.log"

@@ -1,4 +1,4 @@
-"""Bad data on Ray Train (issue 11 item 2): a shard deleted mid-run on 2 Ray workers is skipped and
+"""Bad data on Ray Train: a shard deleted mid-run on 2 Ray workers is skipped and
 counted and the run finishes; past data.max_bad_fraction the job stops with the file named after
 ONE restart, however many `dist.max_failures` allow (no crash-loop: dist/ray_runner.py)."""
 

@@ -1,4 +1,4 @@
-"""Issue 5 acceptance: URL list (good and bad URLs) -> img2dataset shards -> validate -> a short XBT
+"""From URLs to training: URL list (good and bad URLs) -> img2dataset shards -> validate -> a short XBT
 run on them; a corrupted shard in the set is reported by validate and skipped (counted) by training."""
 
 from __future__ import annotations

@@ -201,7 +201,7 @@ TARGET_SOURCES = ("precomputed", "old_model", "synthetic")
 class TrainConfig:
     """Stage 2 (XBT) training."""
     method: str = "xbt"              # xbt | lora_only | base | full_tune (paper Table 6 rows)
-    target_source: str = "precomputed"  # precomputed | old_model | synthetic (DESIGN.md section 3)
+    target_source: str = "precomputed"  # precomputed | old_model | synthetic (docs/architecture.md, "Target sources")
     train_shards: str | None = None  # image-text shard set
     targets: str | None = None       # embedding shard set with image_old/text_old (precomputed)
     phi_init: str = "stage1"         # "stage1": start from the stage-1 phi; "random"
