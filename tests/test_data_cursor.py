@@ -11,7 +11,7 @@ from torchvision import transforms as T
 import tracefs
 from xbt_dist.data.cursor import epoch_order, slot_shards
 from xbt_dist.data.stream import SampleStream
-from xbt_dist.data.synthetic import write_image_text_shards
+from xbt_testing.synthetic import write_image_text_shards
 
 TO_TENSOR = T.ToTensor()
 # random augmentations, as a train transform has: any RNG difference shows in the pixels

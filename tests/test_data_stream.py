@@ -10,7 +10,7 @@ from torchvision import transforms as T
 from xbt_dist.data.embeddings import write_embedding_shard
 from xbt_dist.data.shards import shard_name
 from xbt_dist.data.stream import SampleStream
-from xbt_dist.data.synthetic import write_bad_shard, write_image_text_shards, write_text_shards
+from xbt_testing.synthetic import write_bad_shard, write_image_text_shards, write_text_shards
 
 TO_TENSOR = T.ToTensor()
 

@@ -11,7 +11,7 @@ import pytest
 from test_prep_images import _Handler, server  # noqa: F401  (the local HTTP server fixture)
 from xbt_dist.cli import main as xbt
 from xbt_dist.config import dump_config
-from xbt_dist.data.synthetic import write_bad_shard
+from xbt_testing.synthetic import write_bad_shard
 from xbt_dist.prep.images import ImagesConfig, download_images
 
 

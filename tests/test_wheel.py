@@ -32,6 +32,7 @@ def installed(tmp_path_factory) -> dict:
     shutil.copytree(ROOT / "xbt_dist", src / "xbt_dist", symlinks=True,
                     ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "configs", src / "configs")
+    shutil.copytree(ROOT / "xbt_testing", src / "xbt_testing", ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
                     "-w", str(tmp / "dist"), str(src)], check=True, timeout=300)
     wheel = next((tmp / "dist").glob("xbt_dist-*.whl"))
@@ -52,12 +53,12 @@ def _run(installed, *cmd) -> subprocess.CompletedProcess:
 
 def test_wheel_packs_recipes_and_submit_module(installed):
     """Fails when the recipes are not package data (the symlink not followed, package-data
-    dropped) or when test-only files end up in the wheel."""
+    dropped) or when test machinery (xbt_testing, tests/) ends up in the wheel."""
     names = set(zipfile.ZipFile(installed["wheel"]).namelist())
     shipped = {f"xbt_dist/configs/{p.name}" for p in (ROOT / "configs").glob("*.yaml")}
     assert shipped and shipped <= names, sorted(shipped - names)
     assert "xbt_dist/submit.py" in names
-    assert not [n for n in names if n.startswith(("tests/", "launchers/", "bench/"))]
+    assert not [n for n in names if n.startswith(("tests/", "launchers/", "bench/", "xbt_testing/"))]
 
 
 def test_installed_wheel_loads_toy_recipe(installed):
