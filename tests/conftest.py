@@ -89,6 +89,7 @@ SLOW_TESTS: dict[str, float] = {  # seconds in the full `--durations=0` run (sha
     "tests/test_prep_to_train.py::test_urls_to_shards_to_xbt_run": 70,
     "tests/test_adapters.py::test_disabled_is_bit_identical_after_training": 35,
     "tests/test_adapters.py::test_each_of_q_k_v_out_lora_is_active": 23,
+    "tests/test_wheel.py": 30,  # builds and installs the wheel, three `xbt` subprocesses
     # cluster tests that are slow too (the quick loop deselects them either way)
     "tests/test_dist_ray.py": 416,
     "tests/test_slurm.py::test_submitit_preemption_checkpoints_and_resumes": 114,
