@@ -23,27 +23,6 @@ class ConfigError(ValueError):
     """A config key or value is wrong; the message names the field and the fix."""
 
 
-def stage1_setting(cfg: "RunConfig", name: str, warn: bool = True) -> Any:
-    """`stage1.<name>` (seed, checkpoint_every, log_every), else `train.<name>`.
-
-    Stage 1 used to read these from `train`; a recipe that sets them there only still runs as
-    before, and (with `warn`) says once per process that the keys moved when the value it falls
-    back to is not the default."""
-    value = getattr(cfg.stage1, name)
-    if value is not None:
-        return value
-    value = getattr(cfg.train, name)
-    if warn and value != getattr(TrainConfig(), name) and name not in _STAGE1_WARNED:
-        _STAGE1_WARNED.add(name)
-        warnings.warn(f"stage 1 uses train.{name}={value!r} because stage1.{name} is not set; stage 1 "
-                      f"reading train.{name} is deprecated: set stage1.{name} in the recipe (or "
-                      f"--set stage1.{name}={value})", FutureWarning, stacklevel=2)
-    return value
-
-
-_STAGE1_WARNED: set[str] = set()
-
-
 def _check(cond: bool, name: str, value: Any, expected: str) -> None:
     if not cond:
         raise ConfigError(f"{name}={value!r} is invalid: expected {expected}")
@@ -389,6 +368,27 @@ class RunConfig:
 
     def stage_dir(self, stage: str) -> str:
         return f"{self.out_dir.rstrip('/')}/{stage}"
+
+
+def stage1_setting(cfg: RunConfig, name: str, warn: bool = True) -> Any:
+    """`stage1.<name>` (seed, checkpoint_every, log_every), else `train.<name>`.
+
+    Stage 1 used to read these from `train`; a recipe that sets them there only still runs as
+    before, and (with `warn`) says once per process that the keys moved when the value it falls
+    back to is not the default."""
+    value = getattr(cfg.stage1, name)
+    if value is not None:
+        return value
+    value = getattr(cfg.train, name)
+    if warn and value != getattr(TrainConfig(), name) and name not in _STAGE1_WARNED:
+        _STAGE1_WARNED.add(name)
+        warnings.warn(f"stage 1 uses train.{name}={value!r} because stage1.{name} is not set; stage 1 "
+                      f"reading train.{name} is deprecated: set stage1.{name} in the recipe (or "
+                      f"--set stage1.{name}={value})", FutureWarning, stacklevel=2)
+    return value
+
+
+_STAGE1_WARNED: set[str] = set()
 
 
 def _coerce(value: Any, tp: Any, name: str) -> Any:
