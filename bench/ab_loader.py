@@ -73,7 +73,7 @@ def main(argv=None) -> None:
     out = Path(a.out)
     data = out / "data" / "ab-loader"
     if not data.is_dir():
-        from xbt_dist.data.synthetic import write_image_text_shards
+        from xbt_testing.synthetic import write_image_text_shards
         write_image_text_shards(data, n_shards=14, per_shard=300, image_size=48, sizes=True)
     res: dict = {side: {"epochs": [], "resume_s": [], "resume_mb": []} for side in ("before", "after")}
     for _ in range(a.repeats):

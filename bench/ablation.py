@@ -31,7 +31,7 @@ from xbt_dist.train.stage2 import run_stage2
 
 # name -> overrides on top of configs/toy.yaml
 # Base / LoRA-only / Full-tune are the paper's (phi from scratch, old model online, no stage 1); the
-# three variants after them are what those names meant here before issue 12.
+# three variants after them are what those names meant here before (now renamed).
 VARIANTS: dict[str, list[str]] = {
     "XBT": [],
     "Base (paper)": ["train.method=base"],

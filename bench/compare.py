@@ -46,7 +46,7 @@ TRAINED: dict[str, list[str]] = {          # method -> overrides (same data budg
     "base": ["train.method=base"],
     "lora_only": ["train.method=lora_only"],
     "full_tune": ["train.method=full_tune", "train.optim.lr=1e-4"],
-    "xbt_synthetic": ["train.target_source=synthetic"],   # no stored old embeddings (DESIGN.md 3)
+    "xbt_synthetic": ["train.target_source=synthetic"],   # no stored old embeddings (docs/architecture.md, "Target sources")
 }
 LABELS = {
     "old/old": "old/old (reference)", "new/old": "naive swap (new query)",

@@ -1,4 +1,4 @@
-"""`xbt embed` throughput: the embed core before issue 11 vs now, on the same CPUs, same run.
+"""`xbt embed` throughput: the embed core at a `--before` commit vs now, on the same CPUs, same run.
 
     nice -n 10 python -m bench.embed --out bench/results --before 34cf607 --repeats 3
 

@@ -1,4 +1,4 @@
-"""Stage-2 loader, before and after the uint8 host-to-device path (issue 11 item 6), same run.
+"""Stage-2 loader, before and after the uint8 host-to-device path, same run.
 
     nice -n 10 python -m bench.h2d --out bench/results [--repeats 3] [--samples 512]
 

@@ -1,4 +1,4 @@
-"""Stage-1 data stream at scale: today's SampleStream embeddings mode vs TextEmbeddingStream.
+"""Stage-1 data stream at scale: TextEmbeddingStream on the npz and npy layouts.
 
     nice -n 10 python -m bench.stage1_stream --out bench/results --rows 2000000 --repeats 3
 
@@ -8,16 +8,17 @@ old npz layout and converted to the npy layout (`convert_to_npy`). Each variant 
 epoch at batch 512 in a fresh interpreter (so peak RSS is the variant's own), the variants
 alternating within each repeat so machine load drifts hit all alike:
 
-  * `SampleStream(mode="embeddings")`, npz set: the stage-1 stream before issue 11 (loads a shard
-    whole, permutes it, builds key strings, converts each batch to fp32);
   * `TextEmbeddingStream`, npz set (its members memory-mapped in place), workers=0;
   * `TextEmbeddingStream`, npy set, workers=0, and workers=1 (batches through a DataLoader worker).
 
 Reported per variant: rows/s over the epoch after the first batch (median over repeats), rows per
 CPU-second of the process and its DataLoader workers (the number that survives a loaded machine),
-seconds
-to the first batch, peak RSS of the process tree and RSS at 10 points through the epoch (flat
+seconds to the first batch, peak RSS of the process tree and RSS at 10 points through the epoch (flat
 memory = the last point near the first).
+
+The "before" row of docs/PERFORMANCE.md (`SampleStream(mode="embeddings")`, which loaded a shard
+whole, permuted it and converted each batch to fp32 on the host) was measured by this bench up to
+commit 1f7d9c4; that mode had no user left and was removed, and so was its variant here.
 """
 
 from __future__ import annotations
@@ -54,14 +55,9 @@ def rss_mb(pid=None):
 
 t0 = time.perf_counter()
 fields = {"w_new": "text_new", "w_old": "text_old"}
-if variant == "samplestream":
-    from xbt_dist.data.stream import SampleStream
-    s = SampleStream(src, mode="embeddings", batch_size=batch, fields=fields, shuffle_buffer=4096,
-                     drop_last=True)
-else:
-    from xbt_dist.data.text_stream import TextEmbeddingStream
-    s = TextEmbeddingStream(src, batch_size=batch, fields=fields, drop_last=True,
-                            num_workers=int(variant.split("w")[-1]))
+from xbt_dist.data.text_stream import TextEmbeddingStream
+s = TextEmbeddingStream(src, batch_size=batch, fields=fields, drop_last=True,
+                        num_workers=int(variant.split("w")[-1]))
 n_total = s.n_rows if hasattr(s, "n_rows") else sum(__import__("xbt_dist.data.embeddings",
           fromlist=["x"]).EmbeddingShardSet(src).counts().values())
 it = iter(s)
@@ -88,8 +84,7 @@ print(json.dumps({"rows_per_s": n / dt, "rows_per_cpu_s": n / max(cpu, 1e-9), "r
                   "peak_rss_mb": peak, "rss_marks_mb": marks, "dtype": str(first["w_new"].dtype)}))
 '''
 
-VARIANTS = {"samplestream": "SampleStream embeddings mode (before), npz set, workers=0",
-            "tes-npz-w0": "TextEmbeddingStream, npz set (memory-mapped members), workers=0",
+VARIANTS = {"tes-npz-w0": "TextEmbeddingStream, npz set (memory-mapped members), workers=0",
             "tes-npy-w0": "TextEmbeddingStream, npy set, workers=0",
             "tes-npy-w1": "TextEmbeddingStream, npy set, workers=1"}
 
@@ -132,7 +127,7 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, default=2_000_000)
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     a = p.parse_args(argv)
     from bench.common import median_of, row, write_result
 
@@ -143,7 +138,7 @@ def main(argv=None) -> int:
     runs: dict[str, list[dict]] = {v: [] for v in a.variants}
     for r in range(a.repeats):
         for v in a.variants:
-            res = run_variant(v, npz if "npz" in v or v == "samplestream" else npy, a.batch)
+            res = run_variant(v, npz if "npz" in v else npy, a.batch)
             runs[v].append(res)
             print(r, v, {k: (round(x) if isinstance(x, float) else x) for k, x in res.items()},
                   file=sys.stderr, flush=True)
@@ -158,12 +153,6 @@ def main(argv=None) -> int:
             m = median_of([x[key] for x in rs])
             rows.append(row("stage1_stream", VARIANTS[v], metric, m["median"], unit,
                             min=m["min"], max=m["max"], n=m["n"]))
-    base = median_of([x["rows_per_s"] for x in runs.get("samplestream", [])])["median"]
-    if base:
-        for v in runs:
-            if v != "samplestream":
-                rows.append(row("stage1_stream", VARIANTS[v], "speed-up over SampleStream",
-                                median_of([x["rows_per_s"] for x in runs[v]])["median"] / base, "x"))
     result = {"name": "stage1_stream", "rows": rows,
               "details": {"runs": runs, "sets": {"npz": npz, "npy": npy}},
               "config": {"rows": a.rows, "batch": a.batch, "repeats": a.repeats, "d_new": 768,
@@ -172,8 +161,8 @@ def main(argv=None) -> int:
               "notes": ["one whole epoch per variant and repeat, each in a fresh interpreter "
                         "(OMP_NUM_THREADS=1), variants alternating; rows/s after the first batch.",
                         "RSS marks (MB, 10 points through the epoch) are in the JSON details.",
-                        "SampleStream batches are fp32 (it converts on the host); TextEmbeddingStream "
-                        "batches are fp16 (converted on the device by stage 1's step)."]}
+                        "TextEmbeddingStream batches are fp16 (converted on the device by stage 1's "
+                        "step)."]}
     write_result(a.out, result)
     print(json.dumps({r["case"] + " | " + r["metric"]: r["value"] for r in rows}, indent=1))
     return 0

@@ -1,4 +1,4 @@
-"""Sweeps for the paper's open questions on the toy world, with plots (issue 12, item 5).
+"""Sweeps for the paper's open questions on the toy world, with plots.
 
     python -m bench.sweeps --sweep corpus --sizes 2000 5000 10000 20000 60000 --seeds 0 1 2
     python -m bench.sweeps --sweep pairs --sizes 2000 4000 8000 12000 --seeds 0 1 2

@@ -56,7 +56,7 @@ def toy_world(root: str | Path = DEFAULT_TOY) -> dict | None:
 
 def small_world(out: str | Path, n_shards: int = 2, per_shard: int = 256, n_text: int = 2048) -> dict:
     """A synthetic world in the toy world's formats (64x64 JPEGs, toy archs, random weights)."""
-    from xbt_dist.data.synthetic import write_image_text_shards, write_text_shards
+    from xbt_testing.synthetic import write_image_text_shards, write_text_shards
 
     out = Path(out)
     models = out / "models"

@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+# xbt_testing (test machinery kept out of the package and its wheel) sits at the repository root.
+# Ray workers import its stage functions by module name, and Ray nodes, DeepSpeed's gloo ranks and
+# submitit jobs are separate processes: the root goes on their inherited PYTHONPATH as well as on
+# this process's path (pytest itself only puts tests/ there).
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+if str(ROOT) not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Ray 2.60 starts a local instance with token authentication on, and a driver's auth mode is
@@ -44,10 +55,10 @@ def write_tiny_models(root: Path) -> dict:
 
 def write_tiny_world(root: Path) -> dict:
     """Image-text, text, multi-caption eval and zero-shot shard sets of a few dozen samples."""
-    from xbt_dist.data.synthetic import write_image_text_shards, write_text_shards
+    from xbt_testing.synthetic import write_image_text_shards, write_text_shards
     import webdataset as wds
     import numpy as np
-    from xbt_dist.data.synthetic import jpeg_bytes
+    from xbt_testing.synthetic import jpeg_bytes
     world = {"train": str(root / "train"), "text": str(root / "text"),
              "eval": str(root / "eval"), "zeroshot": str(root / "zeroshot")}
     write_image_text_shards(world["train"], n_shards=2, per_shard=32, sizes=True)
@@ -90,6 +101,7 @@ SLOW_TESTS: dict[str, float] = {  # seconds in the full `--durations=0` run (sha
     "tests/test_compare.py::test_eval_on_the_val_split_writes_its_own_report": 37,
     "tests/test_compare.py::test_zero_shot_uses_the_papers_single_prompt_by_default": 30,
     "tests/test_toy_world.py::test_val_gallery_is_its_own_and_leaves_the_test_gallery_unchanged": 25,
+    "tests/test_wheel.py": 30,  # builds and installs the wheel, three `xbt` subprocesses
     # cluster tests that are slow too (the quick loop deselects them either way)
     "tests/test_dist_ray.py": 416,
     "tests/test_slurm.py::test_submitit_preemption_checkpoints_and_resumes": 114,
@@ -140,7 +152,7 @@ def local_ray_cluster(tmp_path_factory, nodes: int, cpus_per_node: int):
     Ray cluster (any Ray this process had is shut down first), stopped afterwards."""
     import ray
 
-    from xbt_dist.dist import testing as T
+    import xbt_testing.distributed as T
 
     if ray.is_initialized():
         ray.shutdown()

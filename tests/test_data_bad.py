@@ -1,4 +1,4 @@
-"""Bad and missing training data (issue 11 item 2): skipped and counted by reason with the files
+"""Bad and missing training data: skipped and counted by reason with the files
 named, transient read errors retried, and a stop with the files named past max_bad_fraction."""
 
 import os
@@ -13,7 +13,7 @@ from xbt_dist.data.cursor import epoch_order, slot_shards
 from xbt_dist.data.embeddings import write_embedding_shard
 from xbt_dist.data.shards import shard_name
 from xbt_dist.data.stream import DataBudgetExceeded, SampleStream
-from xbt_dist.data.synthetic import write_bad_shard, write_image_text_shards
+from xbt_testing.synthetic import write_bad_shard, write_image_text_shards
 
 TO_TENSOR = T.ToTensor()
 

@@ -11,7 +11,7 @@ from torchvision import transforms as T
 import tracefs
 from xbt_dist.data.cursor import epoch_order, slot_shards
 from xbt_dist.data.stream import SampleStream
-from xbt_dist.data.synthetic import write_image_text_shards
+from xbt_testing.synthetic import write_image_text_shards
 
 TO_TENSOR = T.ToTensor()
 # random augmentations, as a train transform has: any RNG difference shows in the pixels
@@ -29,7 +29,7 @@ def stream(src, **kw):
 
 
 def test_7_shards_2_ranks_x_3_workers_each_shard_opened_once_per_epoch(tmp_path):
-    """Issue 11 item 1: 6 slots, 7 shards: whole shards per slot, each opened by one slot per epoch
+    """6 slots, 7 shards: whole shards per slot, each opened by one slot per epoch
     (counted in the real file opens, in the DataLoader worker processes), every sample once."""
     paths = write_image_text_shards(tmp_path / "s", n_shards=7, per_shard=5)
     log = tmp_path / "trace.log"

@@ -1,4 +1,4 @@
-"""Bad data on Ray Train (issue 11 item 2): a shard deleted mid-run on 2 Ray workers is skipped and
+"""Bad data on Ray Train: a shard deleted mid-run on 2 Ray workers is skipped and
 counted and the run finishes; past data.max_bad_fraction the job stops with the file named after
 ONE restart, however many `dist.max_failures` allow (no crash-loop: dist/ray_runner.py)."""
 
@@ -16,8 +16,8 @@ import ray.cloudpickle
 from xbt_dist.config import DistConfig, RunConfig
 from xbt_dist.data.cursor import epoch_order, slot_shards
 from xbt_dist.data.stream import DataBudgetExceeded
-from xbt_dist.data.synthetic import write_image_text_shards
-from xbt_dist.dist import testing as T
+from xbt_testing.synthetic import write_image_text_shards
+import xbt_testing.distributed as T
 from xbt_dist.dist.ray_runner import run_on_ray
 
 pytestmark = pytest.mark.timeout(900)

@@ -8,7 +8,7 @@ import pytest
 
 from xbt_dist.data.shards import (ShardError, iter_image_text, iter_text,
                                   list_shards, shard_sizes)
-from xbt_dist.data.synthetic import write_bad_shard, write_image_text_shards, write_text_shards
+from xbt_testing.synthetic import write_bad_shard, write_image_text_shards, write_text_shards
 
 
 def test_list_dir_glob_brace_and_url(tmp_path):

@@ -9,8 +9,8 @@ from torchvision import transforms as T
 
 from xbt_dist.data.embeddings import write_embedding_shard
 from xbt_dist.data.shards import shard_name
-from xbt_dist.data.stream import SampleStream, split_plan
-from xbt_dist.data.synthetic import write_bad_shard, write_image_text_shards, write_text_shards
+from xbt_dist.data.stream import SampleStream
+from xbt_testing.synthetic import write_bad_shard, write_image_text_shards, write_text_shards
 
 TO_TENSOR = T.ToTensor()
 
@@ -41,22 +41,6 @@ def test_exact_coverage_2_ranks_x_2_workers(tmp_path, n_shards):
     assert len(seen) == len(set(seen)) == n_shards * 5
     # whole shards per slot: ranks differ by at most one shard
     assert abs(len(per_rank[0]) - len(per_rank[1])) <= (0 if n_shards == 4 else 5)
-
-
-def test_split_plan_covers_each_index_once():
-    for n_shards in range(1, 7):
-        for ws in (1, 2, 3):
-            for nw in (1, 2):
-                owner = Counter()
-                for r in range(ws):
-                    for w in range(nw):
-                        sel, filters = split_plan(n_shards, r, ws, w, nw)
-                        # 4 samples per shard, global index = shard * 4 + i
-                        idx = [s * 4 + i for s in range(n_shards)[sel or slice(None)] for i in range(4)]
-                        for mod, res in filters:
-                            idx = [x for j, x in enumerate(idx) if j % mod == res]
-                        owner.update(idx)
-                assert owner == Counter(range(n_shards * 4)), (n_shards, ws, nw)
 
 
 def test_shuffle_deterministic_per_seed_epoch(tmp_path):
@@ -175,65 +159,8 @@ def test_misaligned_targets_skipped_counted_or_fail_clearly(tmp_path):
 
 
 def test_text_modes(tmp_path):
-    paths = write_text_shards(tmp_path / "t", n_shards=2, per_shard=3)
-    table = fake_embeddings(tmp_path / "e", shard_keys(paths, 3), fields=("text_old", "text_new"))
+    write_text_shards(tmp_path / "t", n_shards=2, per_shard=3)
     b = next(iter(SampleStream(tmp_path / "t", mode="text", batch_size=6, tokenizer=toy_tokenizer)))
     assert b["tokens"].shape == (6, 2) and "images" not in b
-    s = SampleStream(tmp_path / "e", mode="embeddings", batch_size=4, num_workers=2, world_size=1)
-    batches = list(s)
-    assert sorted(keys_of(batches)) == sorted(table)
-    b = batches[0]
-    assert set(b) == {"keys", "text_new", "text_old"} and b["text_new"].shape[1] == 8
-    np.testing.assert_allclose(b["text_new"][0].numpy(), table[b["keys"][0]]["text_new"], atol=2e-3)
-
-
-def embedding_set(out_dir, n_shards, per_shard, dim=4):
-    """Embedding shards whose text_new row encodes its own key (so a batch can check its rows)."""
-    table = {}
-    for s in range(n_shards):
-        keys = [f"{s * 100 + i:05d}" for i in range(per_shard)]  # < 2048: exact in fp16
-        vals = np.array([[int(k), 1.0, 0.0, 0.0][:dim] for k in keys], np.float32)
-        write_embedding_shard(out_dir, f"{s:05d}", keys, {"text_new": vals, "text_old": vals},
-                              normalize=False)
-        table.update(zip(keys, vals))
-    return table
-
-
-@pytest.mark.parametrize("n_shards", [4, 3])  # 4: shard-level split; 3: sample-level split
-def test_embeddings_mode_exact_coverage_and_rows(tmp_path, n_shards):
-    embedding_set(tmp_path, n_shards, per_shard=7)
-    seen = []
-    for rank in range(2):
-        s = SampleStream(tmp_path, mode="embeddings", batch_size=3, rank=rank, world_size=2,
-                         num_workers=2)
-        for b in s:
-            assert b["text_new"].dtype == torch.float32 and len(b["keys"]) == len(b["text_new"])
-            # each row is the row of its key (fp16 holds these small ints exactly)
-            assert [int(k) for k in b["keys"]] == b["text_new"][:, 0].long().tolist()
-            seen += b["keys"]
-    assert len(seen) == len(set(seen)) == n_shards * 7
-
-
-def test_embeddings_mode_shuffles_and_resumes(tmp_path):
-    embedding_set(tmp_path, 3, per_shard=10)
-    s = SampleStream(tmp_path, mode="embeddings", batch_size=4, seed=1)
-    full = keys_of(list(s))
-    assert sorted(full) != full and len(full) == 30  # shuffled, all rows
-    s.set_epoch(0)
-    it = iter(s)
-    head = keys_of([next(it) for _ in range(3)])
-    state = s.state_dict()
-    resumed = SampleStream(tmp_path, mode="embeddings", batch_size=4, seed=1)
-    resumed.load_state_dict(state)
-    assert head + keys_of(list(resumed)) == full
-    assert keys_of(list(resumed)) != full  # next epoch: another order
-
-
-def test_embeddings_mode_resampled_and_drop_last(tmp_path):
-    embedding_set(tmp_path, 2, per_shard=5)
-    s = SampleStream(tmp_path, mode="embeddings", batch_size=4, resampled=True)
-    it = iter(s)
-    batches = [next(it) for _ in range(6)]  # 24 rows from 10: shards drawn again, forever
-    assert all(len(b["keys"]) == 4 for b in batches)
-    d = SampleStream(tmp_path, mode="embeddings", batch_size=4, drop_last=True)
-    assert [len(b["keys"]) for b in d] == [4, 4]
+    with pytest.raises(ValueError, match="mode='embeddings'"):  # stage 1's embeddings: text_stream.py
+        SampleStream(tmp_path / "t", mode="embeddings", batch_size=4)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from xbt_dist.config import DistConfig, OptimConfig
-from xbt_dist.dist import testing as T
+import xbt_testing.distributed as T
 
 WEIGHTS = {"image_to_old_text": 1.0, "text_to_old_image": 1.0, "new_new": 1.0, "text_to_old_text": 0.5}
 

@@ -28,7 +28,7 @@ from conftest import flat_state, local_ray_cluster
 import torch
 
 from xbt_dist.config import DistConfig, OptimConfig, RunConfig, Stage1Config, TrainConfig
-from xbt_dist.dist import testing as T
+import xbt_testing.distributed as T
 from xbt_dist.dist.ray_runner import run_on_ray
 
 pytestmark = pytest.mark.timeout(1200)

@@ -11,7 +11,7 @@ from xbt_dist.data.embed import Encoder, embed_shards
 from xbt_dist.data.embeddings import EmbeddingShardSet, write_embedding_shard
 from xbt_dist.data.shards import iter_image_text
 from xbt_dist.data.stream import SampleStream
-from xbt_dist.data.synthetic import write_bad_shard, write_image_text_shards, write_text_shards
+from xbt_testing.synthetic import write_bad_shard, write_image_text_shards, write_text_shards
 
 TINY = {"embed_dim": 16,
         "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},

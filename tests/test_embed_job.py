@@ -9,8 +9,8 @@ import pytest
 from xbt_dist.config import DistConfig
 from xbt_dist.data.embed import embed_shards
 from xbt_dist.data.embeddings import EmbeddingShardSet
-from xbt_dist.data.synthetic import write_text_shards
-from xbt_dist.dist import testing as T
+from xbt_testing.synthetic import write_text_shards
+import xbt_testing.distributed as T
 from xbt_dist.dist.embed_job import FAULT_ENV, embed_on_ray, task_groups
 
 pytestmark = pytest.mark.timeout(900)

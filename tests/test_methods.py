@@ -26,7 +26,7 @@ def _resolved(method: str):
     ("base", ("random", "old_model", False, True, True)),
     ("lora_only", ("random", "old_model", False, False, False)),
     ("full_tune", ("random", "old_model", True, True, True)),
-    # what base / lora_only / full_tune meant before issue 12
+    # what base / lora_only / full_tune meant before the paper's names
     ("xbt_old_online", ("stage1", "old_model", False, True, True)),
     ("lora_only_stored", ("random", "precomputed", False, False, False)),
     ("full_tune_stage1", ("stage1", "precomputed", True, True, True)),

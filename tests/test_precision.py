@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from xbt_dist.config import ConfigError, DistConfig, ModelRef, OptimConfig, load_config
-from xbt_dist.dist import testing as T
+import xbt_testing.distributed as T
 from xbt_dist.train.precision import forward_autocast, resolve_precision
 
 REPO = Path(__file__).resolve().parents[1]

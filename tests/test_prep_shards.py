@@ -151,9 +151,41 @@ def test_validate_training_embed_agree_on_a_messy_set(tmp_path):
     assert fast["totals"]["good"] == 13 and fast["skipped"]["bad_image"] == 4
 
 
+def test_training_stream_applies_check_sample(tmp_path, monkeypatch):
+    """Fails when the training stream judges samples with its own decoders instead of the one
+    rule: a stricter `check_sample` (captions of 20+ characters only) must change what it skips,
+    under the rule's reason, and the images it yields must be the ones the rule decoded."""
+    import xbt_dist.data.stream as stream_mod
+    _write_messy(tmp_path / "m.tar")
+    rule, decoded = stream_mod.check_sample, {}
+
+    def strict(sample, kind="image-text", **kw):
+        verdict = rule(sample, kind, **kw)
+        if verdict.good and len(verdict.caption) < 20:
+            verdict.problems.append(("missing_caption", "shorter than 20 characters"))
+        decoded[sample["__key__"]] = verdict.image
+        return verdict
+
+    before = SampleStream([str(tmp_path / "m.tar")], batch_size=4, shuffle=False)
+    assert [k for b in before for k in b["keys"]] == GOOD_MESSY
+    monkeypatch.setattr(stream_mod, "check_sample", strict)
+    stream = SampleStream([str(tmp_path / "m.tar")], batch_size=4, shuffle=False)
+    batches = list(stream)
+    keys = [k for b in batches for k in b["keys"]]
+    captions = [c for b in batches for c in b["captions"]]
+    assert keys and all(len(c) >= 20 for c in captions), captions
+    short = [k for k in GOOD_MESSY if k not in keys]
+    assert short, "the stricter rule rejected nothing: the stream did not ask it"
+    assert stream.skipped["missing_caption"] == before.skipped["missing_caption"] + len(short)
+    assert stream.skipped["bad_image"] == before.skipped["bad_image"]
+    for b in batches:
+        for k, im in zip(b["keys"], b["images"]):
+            assert im is decoded[k]  # decoded once, by the rule
+
+
 def test_check_sample_is_the_decode_rule_training_uses(tmp_path):
-    """Fails when the rule validate uses (`check_sample`) and the decoders training calls today
-    (`decode_caption`, `decode_image`) disagree on any sample of the messy shard."""
+    """Fails when the rule validate and training use (`check_sample`) and the decoders `xbt embed`
+    and evaluation call (`decode_caption`, `decode_image`) disagree on any sample of the messy shard."""
     _write_messy(tmp_path / "m.tar")
     samples = list(iter_raw_samples(str(tmp_path / "m.tar")))
     assert len(samples) == 17  # 7 good, 10 bad; ._ fork, README, dir and symlink ignored

@@ -1,4 +1,4 @@
-"""Issue 5 acceptance: URL list (good and bad URLs) -> img2dataset shards -> validate -> a short XBT
+"""From URLs to training: URL list (good and bad URLs) -> img2dataset shards -> validate -> a short XBT
 run on them; a corrupted shard in the set is reported by validate and skipped (counted) by training."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from test_prep_images import _Handler, server  # noqa: F401  (the local HTTP server fixture)
 from xbt_dist.cli import main as xbt
 from xbt_dist.config import dump_config
-from xbt_dist.data.synthetic import write_bad_shard
+from xbt_testing.synthetic import write_bad_shard
 from xbt_dist.prep.images import ImagesConfig, download_images
 
 

@@ -21,7 +21,7 @@ import torch
 
 from xbt_dist import storage
 from xbt_dist.config import DistConfig, OptimConfig
-from xbt_dist.dist import testing as T
+import xbt_testing.distributed as T
 from xbt_dist.train.checkpoint import Checkpointer
 
 OPTIM = OptimConfig(lr=1e-2, warmup_steps=2, grad_clip=1.0, weight_decay=0.01)

@@ -21,7 +21,7 @@ pytest.importorskip("moto.server", reason="moto[server] (the `test` extra) runs 
 pytest.importorskip("s3fs")
 
 from xbt_dist.config import DistConfig  # noqa: E402
-from xbt_dist.dist import testing as T  # noqa: E402
+import xbt_testing.distributed as T  # noqa: E402
 
 pytestmark = pytest.mark.timeout(1500)
 BUCKET = "xbt-shared"

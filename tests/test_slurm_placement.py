@@ -86,7 +86,7 @@ def small_ray():
 def test_run_on_ray_fails_fast_on_attached_cluster(small_ray, tmp_path, monkeypatch, capsys):
     """An attached 2-CPU cluster, 3 workers x 1 CPU: run_on_ray raises before any worker starts."""
     from xbt_dist.dist.ray_runner import run_on_ray
-    from xbt_dist.dist.testing import node_probe_stage
+    from xbt_testing.distributed import node_probe_stage
 
     cfg = load_config(None, [f"out_dir={tmp_path}", "dist.backend=ray", "dist.workers=3"])
     monkeypatch.setenv("XBT_PLACEMENT_CHECK", "fail")

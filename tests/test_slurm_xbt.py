@@ -1,4 +1,4 @@
-"""Issue 4 acceptance with the REAL stages: `sbatch --wait launchers/xbt.slurm CONFIG` on a small
+"""The SLURM launchers with the REAL stages: `sbatch --wait launchers/xbt.slurm CONFIG` on a small
 toy world leaves the adapters and the eval report with the verdict; `scontrol requeue` of a running
 `xbt train` job resumes from its checkpoint and ends with the same adapters as an uninterrupted run;
 submitit runs the same stage."""
@@ -125,7 +125,7 @@ def _last_step(tmp_path) -> int:
 
 @pytest.mark.timeout(1500)
 def test_scancel_term_of_xbt_train_on_ray_checkpoints_requeues_and_resumes(toy_prepared, tmp_path):
-    """Issue 10 item 6: `scancel --signal=TERM` of a running `xbt train` on the job's Ray
+    """`scancel --signal=TERM` of a running `xbt train` on the job's Ray
     cluster. No periodic checkpoints (checkpoint_every=0), so the only checkpoint the resumed run
     can find is the one the Ray workers wrote on the signal; the job requeues itself, the second
     run resumes from that step and finishes with adapters and the eval report."""

@@ -122,6 +122,20 @@ def test_recalls_multi_caption():
     assert r["i2t_R@1"] == 1.0      # image 0 is hit through its first caption
 
 
+def test_recalls_ties_count_against_like_eval():
+    """Fails when the toy world's recall treats ties differently from the evaluation's
+    (`eval.metrics`): two identical images tie for every caption of either."""
+    from xbt_dist.eval.metrics import image_to_text_recall, text_to_image_recall
+    img = torch.stack([torch.tensor([1.0, 0.0]), torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])])
+    txt = img.clone()
+    owner = torch.tensor([0, 1, 2])
+    r = recalls(img, txt, owner, ks=(1, 2))
+    assert r["t2i_R@1"] == r["i2t_R@1"] == round(1 / 3, 4)  # both of the tied pair miss at K=1
+    assert r["t2i_R@2"] == r["i2t_R@2"] == 1.0
+    assert r["t2i_R@1"] == round(text_to_image_recall(txt, img, owner, (1,))["R@1"], 4)
+    assert r["i2t_R@1"] == round(image_to_text_recall(img, txt, owner, (1,))["R@1"], 4)
+
+
 def test_tiny_build_trains_loadable_models_and_resumes(tmp_path):
     cfg = ToyWorldConfig(seed=3, image_size=32, n_train=48, n_text=20, n_eval=16, n_zeroshot=8,
                          per_shard=32, old_epochs=1, new_epochs=1, batch_size=16, threads=1)

@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=cmd_stage)
     p = sub.add_parser("embed", help="precompute old/new embedding shards named by the config")
     _stage_args(p, resume=False)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="samples per encoder forward pass (default %(default)s)")
     p.set_defaults(fn=cmd_embed)
     p = sub.add_parser("eval", help="compatibility report of a trained run")
     _stage_args(p, resume=False)
@@ -143,42 +144,54 @@ def build_parser() -> argparse.ArgumentParser:
     _stage_args(p, resume=False)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(fn=cmd_params)
-    p = sub.add_parser("toy-world", help="generate the toy world and train its old/new CLIPs")
-    p.add_argument("--out", default="runs/toy")
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser(
+        "toy-world", help="generate the toy world and train its old/new CLIPs",
+        description="Generate the toy world (synthetic image-text, text, eval and zero-shot shard "
+                    "sets) and train its small OLD and NEW CLIP models from scratch on CPU. A rerun "
+                    "with the same settings reuses what is already built.")
+    p.add_argument("--out", default="runs/toy",
+                   help="directory for the shard sets, models/ and manifest.json (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the generated data and of both models' training (default %(default)s)")
     p.set_defaults(fn=cmd_toy)
-    p = sub.add_parser("demo", help="the whole pipeline on the toy world")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--config", help="recipe (default configs/toy.yaml)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
-    p.add_argument("--workers", type=int, default=0, help="run stages on N Ray workers")
-    p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3])
-    p.add_argument("--quick", action="store_true", help="seconds-long smoke run (tiny world)")
+    p = sub.add_parser(
+        "demo", help="the whole pipeline on the toy world",
+        description="Toy world -> embed -> stage 1 (phi) -> stage 2 (XBT) -> compatibility report, "
+                    "on CPU. Each step is skipped when its inputs and settings are unchanged since "
+                    "it last finished (a cache.json in the step's directory).")
+    p.add_argument("--out", default="runs/demo",
+                   help="run directory: the toy world in OUT/toy, embeddings in OUT/emb, the run "
+                        "(checkpoints, report) in OUT/run (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="toy world seed (data and base models; default %(default)s); the training "
+                        "seeds are the recipe's stage1.seed and train.seed")
+    p.add_argument("--config", help="recipe whose paths the demo fills in (default: the shipped "
+                                    "configs/toy.yaml)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="recipe overrides with dotted names, e.g. train.max_steps=50 stage1.epochs=1")
+    p.add_argument("--workers", type=int, default=0,
+                   help="run stage 1 and 2 as Ray Train jobs on N workers with DeepSpeed (default 0: "
+                        "in this process)")
+    p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3],
+                   help="DeepSpeed ZeRO stage for the Ray workers (default: the recipe's dist.zero_stage)")
+    p.add_argument("--quick", action="store_true",
+                   help="seconds-long smoke run: a world of a few hundred samples, one-epoch base "
+                        "models, a few training steps (numbers are not meaningful)")
     p.set_defaults(fn=cmd_demo)
     from xbt_dist.prep.cli import add_prep_parser
     add_prep_parser(sub)
     from xbt_dist.index.cli import add_upgrade_parsers  # xbt index build|eval, xbt serve
     add_upgrade_parsers(sub)
-    # Listed for --help; main() hands its arguments to launchers/submit.py untouched.
+    # Listed for --help; main() hands its arguments to xbt_dist.submit untouched (its own parser
+    # splits off the stage arguments after `--`).
     sub.add_parser("submit", add_help=False,
-                   help="submit stages or the whole pipeline to SLURM with submitit (launchers/submit.py)")
+                   help="submit stages or the whole pipeline to SLURM with submitit (xbt submit --help)")
     return ap
 
 
 def cmd_submit(argv: list[str]) -> int:
-    # launchers/ lives beside the package in the repository, not inside it: load it by path.
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parent.parent / "launchers" / "submit.py"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: `xbt submit` needs the repository checkout "
-                                "(pip install -e .), or run launchers/submit.py directly")
-    spec = importlib.util.spec_from_file_location("xbt_launchers_submit", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # it registers itself with cloudpickle by module name
-    spec.loader.exec_module(mod)
-    return mod.main(argv)
+    from xbt_dist.submit import main as submit_main  # submitit only when asked for
+    return submit_main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,46 @@ class ModelRef:
                "an open_clip architecture name such as 'ViT-B-32'")
         _check(self.quick_gelu in (None, True, False), "model.quick_gelu", self.quick_gelu,
                "true, false or null (from the pretrained tag)")
+
+
+_TOWERS = ("image", "text")
+_LORA_TARGETS = ("attn", "mlp")
+
+
+@dataclass
+class AdapterConfig:
+    """What XBT adds to (and trains in) the new model."""
+    lora_rank: int = 8                              # LoRA rank r (0 = no LoRA)
+    lora_alpha: float = 16                          # LoRA scaling is alpha / r
+    lora_dropout: float = 0.0                       # dropout on LoRA inputs (MLP targets only, see below)
+    lora_targets: tuple[str, ...] = ("attn",)       # "attn" = q,k,v,out of attention; "mlp" = c_fc, c_proj
+    text_prompts: int = 4                           # CoOp soft prompt tokens after the start token
+    visual_prompts: int = 4                         # VPT-shallow prompt tokens after the class token
+    tune_layernorm: bool = True                     # train LayerNorm affine parameters (as deltas)
+    towers: tuple[str, ...] = ("image", "text")     # towers that get LoRA and LN tuning
+    full_tune: bool = False                         # paper's Full-tune baseline: no adapters, all weights train
+
+    def __post_init__(self):
+        self.lora_targets = tuple(self.lora_targets)
+        self.towers = tuple(self.towers)
+        for name in ("lora_rank", "text_prompts", "visual_prompts"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"AdapterConfig.{name} must be an int >= 0, got {v!r}")
+        if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+            raise ValueError(f"AdapterConfig.lora_alpha must be > 0, got {self.lora_alpha!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"AdapterConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        bad = [t for t in self.lora_targets if t not in _LORA_TARGETS]
+        if bad:
+            raise ValueError(f"AdapterConfig.lora_targets: unknown {bad}; choose from {list(_LORA_TARGETS)}")
+        bad = [t for t in self.towers if t not in _TOWERS]
+        if bad or not self.towers:
+            raise ValueError(f"AdapterConfig.towers must be a non-empty subset of {list(_TOWERS)}, got "
+                             f"{list(self.towers)}")
+        if self.lora_dropout > 0 and "attn" in self.lora_targets:
+            # Attention LoRA is applied as a weight delta (see LoraMultiheadAttention): no input dropout.
+            warnings.warn("AdapterConfig.lora_dropout applies to MLP LoRA only; attention LoRA runs without it")
 
 
 @dataclass
@@ -108,9 +149,18 @@ class Stage1Config:
     # overlaps the text towers: 1.33x -> 1.01x the plain loop's step time), 0 for precomputed
     # embeddings (numpy batches cost less in-process than shipping them from a worker).
     num_workers: int | None = None
+    # None: the value of train.<same name>, what stage 1 read before it had its own keys
+    # (deprecated, with a warning when that value is not the default; `stage1_setting`).
+    seed: int | None = None
+    checkpoint_every: int | None = None  # optimiser steps between checkpoints (0: only at the end)
+    log_every: int | None = None
 
     def __post_init__(self):
         _check(self.source in ("embeddings", "text"), "stage1.source", self.source, "'embeddings' or 'text'")
+        _check(self.checkpoint_every is None or self.checkpoint_every >= 0, "stage1.checkpoint_every",
+               self.checkpoint_every, "an int >= 0, or null for train.checkpoint_every")
+        _check(self.log_every is None or self.log_every >= 1, "stage1.log_every", self.log_every,
+               "an int >= 1, or null for train.log_every")
         _check(self.num_workers is None or self.num_workers >= 0, "stage1.num_workers",
                self.num_workers, "an int >= 0, or null for the default")
         _check(self.epochs > 0, "stage1.epochs", self.epochs, "a number > 0")
@@ -123,7 +173,7 @@ FP16_REFUSED = ("dist.precision='fp16' is not supported: fp16 needs dynamic loss
                 "every weight to fp16). Fix: use dist.precision=bf16 (fp32's range, no loss scaling; GPUs "
                 "since NVIDIA Ampere, and CPUs) or fp32.")
 # xbt and the paper's Table 6 baselines, then the ablations that were named base/lora_only/full_tune
-# before issue 12 (xbt_dist/train/model.py:resolve_method says what each trains and from where).
+# before this project adopted the paper's names (xbt_dist/train/model.py:resolve_method says what each trains and from where).
 METHODS = ("xbt", "lora_only", "base", "full_tune", "xbt_old_online", "lora_only_stored", "full_tune_stage1")
 TARGET_SOURCES = ("precomputed", "old_model", "synthetic")
 
@@ -132,7 +182,7 @@ TARGET_SOURCES = ("precomputed", "old_model", "synthetic")
 class TrainConfig:
     """Stage 2 (XBT) training."""
     method: str = "xbt"              # one of METHODS (paper Table 6 rows + ablations)
-    target_source: str = "precomputed"  # precomputed | old_model | synthetic (DESIGN.md section 3)
+    target_source: str = "precomputed"  # precomputed | old_model | synthetic (docs/architecture.md, "Target sources")
     train_shards: str | None = None  # image-text shard set
     targets: str | None = None       # embedding shard set with image_old/text_old (precomputed)
     phi_init: str = "stage1"         # "stage1": start from the stage-1 phi; "random"
@@ -314,7 +364,7 @@ class RunConfig:
     old: ModelRef = field(default_factory=lambda: ModelRef("ViT-B-32"))
     new: ModelRef = field(default_factory=lambda: ModelRef("ViT-L-14"))
     phi: PhiConfig = field(default_factory=PhiConfig)
-    adapters: Any = field(default_factory=lambda: _adapter_config_cls()())
+    adapters: AdapterConfig = field(default_factory=AdapterConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -328,17 +378,25 @@ class RunConfig:
         return f"{self.out_dir.rstrip('/')}/{stage}"
 
 
-def _adapter_config_cls():
-    # Imported lazily: the models package imports this module for ModelRef.
-    from xbt_dist.models.adapters import AdapterConfig
-    return AdapterConfig
+def stage1_setting(cfg: RunConfig, name: str, warn: bool = True) -> Any:
+    """`stage1.<name>` (seed, checkpoint_every, log_every), else `train.<name>`.
+
+    Stage 1 used to read these from `train`; a recipe that sets them there only still runs as
+    before, and (with `warn`) says once per process that the keys moved when the value it falls
+    back to is not the default."""
+    value = getattr(cfg.stage1, name)
+    if value is not None:
+        return value
+    value = getattr(cfg.train, name)
+    if warn and value != getattr(TrainConfig(), name) and name not in _STAGE1_WARNED:
+        _STAGE1_WARNED.add(name)
+        warnings.warn(f"stage 1 uses train.{name}={value!r} because stage1.{name} is not set; stage 1 "
+                      f"reading train.{name} is deprecated: set stage1.{name} in the recipe (or "
+                      f"--set stage1.{name}={value})", FutureWarning, stacklevel=2)
+    return value
 
 
-def _field_types(cls) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    if cls is RunConfig:
-        hints["adapters"] = _adapter_config_cls()
-    return hints
+_STAGE1_WARNED: set[str] = set()
 
 
 def _coerce(value: Any, tp: Any, name: str) -> Any:
@@ -375,7 +433,7 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
 
 def from_dict(cls, data: dict, prefix: str = ""):
     """Build dataclass `cls` from a dict; unknown keys fail with a did-you-mean hint."""
-    types = _field_types(cls)
+    types = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in (data or {}).items():
@@ -437,18 +495,36 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
     return data
 
 
+# The shipped recipes, package data (in a checkout a symlink to the repository's configs/).
+RECIPE_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def recipe_path(path: str | Path) -> Path:
+    """`path` if it exists, else the shipped recipe it names (`toy.yaml`, `configs/toy.yaml`).
+
+    The docs write `configs/NAME.yaml`, relative to the repository; from an installed wheel (or
+    another directory) that name still means the recipe shipped with the package.
+    """
+    path = Path(path)
+    if path.is_file() or path.is_absolute() or path.parent.name not in ("", "configs"):
+        return path
+    shipped = RECIPE_DIR / path.name
+    return shipped if shipped.is_file() else path
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Load a YAML recipe (optionally with `base: other.yaml`) and apply dotted overrides."""
     data: dict = {}
     if path is not None:
-        data = _read_yaml(Path(path))
+        data = _read_yaml(recipe_path(path))
     apply_overrides(data, overrides)
     return from_dict(RunConfig, data)
 
 
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
-        raise ConfigError(f"config file {path} not found (recipes live in configs/, e.g. configs/toy.yaml)")
+        raise ConfigError(f"config file {path} not found (shipped recipes: "
+                          f"{', '.join(sorted(p.name for p in RECIPE_DIR.glob('*.yaml')))}, e.g. configs/toy.yaml)")
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe must be a YAML mapping of RunConfig sections")

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Callable
 
 from xbt_dist.artifacts import atomic_write_text, config_digest
-from xbt_dist.config import ModelRef, RunConfig, dump_config, load_config, to_dict
+from xbt_dist.config import RECIPE_DIR, ModelRef, RunConfig, dump_config, load_config, to_dict
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = RECIPE_DIR  # the shipped recipes (package data); old name kept for bench/
 
 
 def run_stage(stage_fn: Callable, cfg: RunConfig, resume: bool = False):
@@ -135,7 +135,7 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, overrides: list[str] 
 def _quick(cfg: RunConfig) -> RunConfig:
     """A seconds-long variant for smoke tests: few steps, small batches."""
     cfg = copy.deepcopy(cfg)
-    cfg.stage1.epochs, cfg.stage1.batch_size = 1.0, 64
+    cfg.stage1.epochs, cfg.stage1.batch_size, cfg.stage1.log_every = 1.0, 64, 2
     cfg.train.max_steps, cfg.train.batch_size, cfg.train.log_every = 4, 16, 2
     cfg.phi.hidden = 64
     cfg.eval.tsne_points = 40

@@ -5,7 +5,6 @@
 - cursor.py: the cursor (slot plan, positions, relayout); reader.py: seeking, retrying tar reads
 - embeddings.py: EmbeddingShardSet reader, write_embedding_shard writer
 - embed.py: embed_shards (precompute image_old / text_old / text_new ...), Encoder
-- synthetic.py: tiny shard sets for tests
 """
 
 from xbt_dist.data.embed import Encoder, embed_shards

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from xbt_dist.data.embeddings import (KEYS_SUFFIX, EmbeddingShardSet, check_field,
+from xbt_dist.data.embeddings import (KEYS_SUFFIX, check_field,
                                       write_embedding_manifest, write_embedding_shard)
 from xbt_dist.data.shards import (decode_caption, decode_image, iter_raw_samples, list_shards,
                                   shard_name)
@@ -141,14 +141,6 @@ def resolve_field_encoders(encoders: dict[str, Any], fields: Sequence[str], devi
         else:
             out[field] = FieldEncoder(modality, f"text:{key}", enc.prepare_texts, enc.encode_token_batch)
     return out
-
-
-def resolve_encoders(encoders: dict[str, Any], fields: Sequence[str], device: str | None = None
-                     ) -> dict[str, Callable[[list], np.ndarray]]:
-    """Map each field to a function over a list of inputs (PIL images or captions)."""
-    def whole(fe: FieldEncoder):
-        return fe.encode if fe.prepare is None else (lambda xs: fe.encode(fe.prepare(xs)))
-    return {f: whole(fe) for f, fe in resolve_field_encoders(encoders, fields, device).items()}
 
 
 def _describe(value: Any) -> Any:
@@ -327,8 +319,3 @@ def embed_shards(src, out_dir, encoders: dict[str, Any], fields: Sequence[str],
                                  config={"fields": fields, "batch_size": batch_size})
     return {"written": written, "already_done": done_before, "samples": samples,
             "skipped": dict(stats), "complete": complete}
-
-
-def load_embeddings(out_dir) -> EmbeddingShardSet:
-    """The finished embedding set at `out_dir` (errors if the manifest is missing)."""
-    return EmbeddingShardSet(out_dir, require_complete=True)

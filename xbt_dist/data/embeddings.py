@@ -1,7 +1,7 @@
 """Embedding shard sets: per input shard `X.tar`, fp16 rows per field and the shard's keys.
 
 Two on-disk layouts, both read by `EmbeddingShardSet` (the set may even mix them):
-  * `npy` (written by default since issue 11): `X.keys.npy` (unicode) plus one `X.<field>.npy`
+  * `npy` (written by default): `X.keys.npy` (unicode) plus one `X.<field>.npy`
     per field, float16 `(n, d)`. Plain `.npy` files are memory-mappable, so stage 1 reads large
     contiguous row slices of any shard without loading it (`field_file`), and never touches the
     keys. The keys file is renamed into place LAST: its presence marks a complete shard.
@@ -188,10 +188,6 @@ class EmbeddingShard:
         if self._key_list is None:
             self._key_list = self._keys.tolist()
         return self._key_list
-
-    def keys_at(self, rows: np.ndarray) -> list[str]:
-        """Keys of `rows` (an index array), without building the whole key list."""
-        return self._keys[rows].tolist()
 
     @property
     def index(self) -> dict[str, int]:

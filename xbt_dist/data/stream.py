@@ -31,9 +31,11 @@ Augmentation: the image transform runs under torch and Python RNGs seeded from (
 shard, sample index), so it does not depend on which worker reads a sample, or when.
 
 Bad and missing data (reader.py) are skipped and counted by reason in `SampleStream.skipped`,
-with the files in `bad_files`. Past `max_bad_fraction` of an epoch's samples (estimated: a lost
-shard counts its size from sizes.json) the stream raises `DataBudgetExceeded` naming the files.
-`mode="embeddings"` (stage 1) keeps its own split and position rule (see `_row_chunks`).
+with the files in `bad_files`. A sample is good by the one rule `data.shards.check_sample` (the
+rule `xbt prep validate` applies), so training skips exactly the samples validation reports.
+Past `max_bad_fraction` of an epoch's samples (estimated: a lost shard counts its size from
+sizes.json) the stream raises `DataBudgetExceeded` naming the files.
+Stage 1's precomputed text embeddings have their own stream (text_stream.py).
 """
 
 from __future__ import annotations
@@ -52,15 +54,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from xbt_dist.data.cursor import SlotCursor, fresh_slot, from_named, relayout, to_named
 from xbt_dist.data.embeddings import EmbeddingShardSet
 from xbt_dist.data.reader import SHARD_REASONS, UnitReader
-from xbt_dist.data.shards import (SIZES, _maybe_open, decode_caption, decode_image, list_shards,
-                                  shard_name)
+from xbt_dist.data.shards import SIZES, _maybe_open, check_sample, list_shards, shard_name
 
 log = logging.getLogger(__name__)
 
-MODES = ("image_text", "text", "embeddings")
+MODES = ("image_text", "text")
 # paper names for the embedding targets of stage 2 (v = image, w = text)
 STAGE2_TARGETS = {"v_old": "image_old", "w_old": "text_old"}
-STAGE1_FIELDS = {"text_new": "text_new", "text_old": "text_old"}
 MAX_BAD_FILES = 1000  # files kept by name in bad_files (counts by reason are always complete)
 
 
@@ -68,27 +68,6 @@ class DataBudgetExceeded(RuntimeError):
     """More bad or missing data than `data.max_bad_fraction` allows. That is a systematic problem
     (a wrong path, an embedding set of other shards, lost storage) that no restart fixes, so the
     Ray runner does not restart the job for it (dist/ray_runner.py)."""
-
-
-def split_plan(n_shards: int, rank: int, world_size: int, worker: int, num_workers: int
-               ) -> tuple[slice | None, list[tuple[int, int]]]:
-    """Embeddings mode only: which shards a slot reads and which sample filters it applies.
-
-    Returns `(shard_slice, filters)`: `shard_slice` selects from the epoch's shard order (None =
-    all shards); `filters` is a list of `(modulus, residue)` applied in sequence, each to a running
-    index over the samples that passed the previous filter.
-    """
-    filters: list[tuple[int, int]] = []
-    if n_shards % (world_size * num_workers) == 0:
-        # slot s = rank + world_size * worker reads shards s, s + n_slots, ...
-        return slice(rank + world_size * worker, None, world_size * num_workers), filters
-    if n_shards % world_size == 0:
-        return slice(rank, None, world_size), [(num_workers, worker)] if num_workers > 1 else []
-    if world_size > 1:
-        filters.append((world_size, rank))
-    if num_workers > 1:
-        filters.append((num_workers, worker))
-    return None, filters
 
 
 def sample_seed(seed: int, epoch: int, shard: str, index: int, visit: int = 0) -> int:
@@ -128,7 +107,7 @@ class ShardBatchDataset(IterableDataset):
                  targets: str | None = None, fields: dict[str, str] | None = None,
                  rank: int = 0, world_size: int = 1, seed: int = 0, epoch: int = 0,
                  shuffle: bool = True, shuffle_buffer: int = 256, resampled: bool = False,
-                 drop_last: bool = False, start: Sequence | None = None, emit_tail: bool = False,
+                 drop_last: bool = False, start: Sequence | None = None,
                  read_retries: int = 3, retry_backoff_s: float = 0.5):
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: expected one of {MODES}")
@@ -140,29 +119,21 @@ class ShardBatchDataset(IterableDataset):
         self.transform, self.tokenizer = transform, tokenizer
         self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, epoch
         self.shuffle, self.shuffle_buffer, self.resampled = shuffle, shuffle_buffer, resampled
-        self.drop_last, self.start, self.emit_tail = drop_last, list(start or []), emit_tail
+        self.drop_last, self.start = drop_last, list(start or [])
         self.read_retries, self.retry_backoff_s = read_retries, retry_backoff_s
         self.fields = dict(fields or {})
         self._passes = 0
         self.sizes: dict[str, int] = {}
-        if mode == "embeddings":
-            self.emb_src = EmbeddingShardSet(src)
-            self.shards = list(self.emb_src.shard_names)
+        self.shards = list_shards(src, missing_ok=True)
+        self.sizes = _sizes_json(src)
+        self.targets = EmbeddingShardSet(targets) if targets else None
+        if self.targets is not None:
             if not self.fields:
-                self.fields = dict(STAGE1_FIELDS)
-            self.emb_src.check_fields(self.fields.values())
-            self.targets = None
-        else:
-            self.shards = list_shards(src, missing_ok=True)
-            self.sizes = _sizes_json(src)
-            self.targets = EmbeddingShardSet(targets) if targets else None
-            if self.targets is not None:
-                if not self.fields:
-                    self.fields = dict(STAGE2_TARGETS) if mode == "image_text" else \
-                        {f: f for f in self.targets.fields if f.startswith("text_")}
-                self.targets.check_fields(self.fields.values())
-            elif self.fields:
-                raise ValueError(f"fields={self.fields} given without targets=<embedding shard set dir>")
+                self.fields = dict(STAGE2_TARGETS) if mode == "image_text" else \
+                    {f: f for f in self.targets.fields if f.startswith("text_")}
+            self.targets.check_fields(self.fields.values())
+        elif self.fields:
+            raise ValueError(f"fields={self.fields} given without targets=<embedding shard set dir>")
         # Fresh epochs deal out the listed shards only; names a checkpoint adds to `shards`
         # (e.g. a shard deleted since) are read where the cursor says, and counted missing.
         self.n_listed = len(self.shards)
@@ -172,7 +143,7 @@ class ShardBatchDataset(IterableDataset):
                           rank=self.rank, world_size=self.world_size, worker=worker,
                           num_workers=num_workers)
 
-    # ---- image_text / text: whole shards, shuffle buffer, cursor ----
+    # ---- whole shards, shuffle buffer, cursor ----
     def _iter_samples(self, worker: int, num_workers: int, epoch: int, start: dict | None
                       ) -> Iterator[dict]:
         reader = UnitReader(self.shards, targets=self.targets, fields=self.fields, sizes=self.sizes,
@@ -206,74 +177,16 @@ class ShardBatchDataset(IterableDataset):
             yield emit(items)
         yield emit([], final=True)  # the slot's end: last skip counts, drained cursor
 
-    # ---- embeddings mode: numpy index batches, no per-row Python objects ----
-    def _emb_plan(self, worker: int, num_workers: int) -> tuple[list[str], list[tuple[int, int]]]:
-        """This slot's shards in the epoch's order and the sample filters it applies (split_plan)."""
-        order = list(self.shards)
-        if self.shuffle:  # same permutation on every rank/worker so the split stays consistent
-            random.Random(f"{self.seed}-{self.epoch}-shards").shuffle(order)
-        sel, filters = split_plan(len(order), self.rank, self.world_size, worker, num_workers)
-        return (order[sel] if sel is not None else order), filters
-
-    def _row_chunks(self, worker: int, num_workers: int) -> Iterator[tuple[Any, np.ndarray]]:
-        """(shard, row indices) in this slot's order: the same shard order and split as the sample
-        path, but rows are selected and shuffled as index arrays (a shard is in memory anyway, so a
-        full per-shard permutation replaces the shuffle buffer)."""
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
-        if self.resampled:
-            while True:
-                emb = self.emb_src.shard(self.shards[int(rng.integers(len(self.shards)))])
-                yield emb, (rng.permutation(len(emb)) if self.shuffle else np.arange(len(emb)))
-        order, filters = self._emb_plan(worker, num_workers)
-        counters = [0] * len(filters)
-        for shard in order:
-            emb = self.emb_src.shard(shard)
-            rows = np.arange(len(emb))
-            for k, (mod, res) in enumerate(filters):  # running index over the previous filter's output
-                keep = (counters[k] + np.arange(len(rows))) % mod == res
-                counters[k] += len(rows)
-                rows = rows[keep]
-            if len(rows):
-                yield emb, (rng.permutation(rows) if self.shuffle else rows)
-
-    def _iter_embeddings(self, worker: int, num_workers: int, skip: int) -> Iterator[dict]:
-        pos, pending, n_pending = 0, [], 0
-
-        def emit(pieces):
-            batch: dict[str, Any] = {"keys": [k for emb, rows in pieces for k in emb.keys_at(rows)]}
-            for out, f in self.fields.items():  # fp16 on disk, float32 for the loss
-                parts = [emb.fields[f][rows] for emb, rows in pieces]
-                batch[out] = torch.from_numpy(np.concatenate(parts).astype(np.float32))
-            batch.update(_worker=worker, _pos=pos, _skipped={})
-            return batch
-
-        for emb, rows in self._row_chunks(worker, num_workers):
-            if skip > pos:  # resuming: these were consumed before the checkpoint
-                drop = min(skip - pos, len(rows))
-                pos, rows = pos + drop, rows[drop:]
-            while len(rows):
-                take = min(self.batch_size - n_pending, len(rows))
-                pending.append((emb, rows[:take]))
-                n_pending, pos, rows = n_pending + take, pos + take, rows[take:]
-                if n_pending == self.batch_size:
-                    yield emit(pending)
-                    pending, n_pending = [], 0
-        if pending and not self.drop_last:
-            yield emit(pending)
-        elif self.emit_tail:
-            yield {"_worker": worker, "_pos": pos, "_skipped": {}}
-
     # ---- decoding ----
     def _decode(self, s: dict, ref: tuple, epoch: int, reader: UnitReader) -> dict | None:
-        out: dict[str, Any] = {"key": s["__key__"]}
-        caption = decode_caption(s)
-        if caption is None:
-            return self._skip(reader, "missing_caption", s)
-        out["caption"] = caption
+        # The one good-sample rule (validate's): the caption first, then the image (decoded once,
+        # by the check; a sample without its caption is not decoded at all).
+        verdict = check_sample(s, self.mode)
+        if not verdict.good:
+            return self._skip(reader, verdict.reason, s, verdict.problems[0][1])
+        out: dict[str, Any] = {"key": s["__key__"], "caption": verdict.caption}
         if self.mode == "image_text":
-            image = decode_image(s)
-            if image is None:
-                return self._skip(reader, "bad_image", s)
+            image = verdict.image
             out["image"] = self._augment(image, ref, epoch) if self.transform is not None else image
         if self.fields:
             if s.get("_emb") is None:
@@ -303,17 +216,17 @@ class ShardBatchDataset(IterableDataset):
             random.setstate(py_state)
 
     @staticmethod
-    def _skip(reader: UnitReader, reason: str, s: dict) -> None:
+    def _skip(reader: UnitReader, reason: str, s: dict, detail: str = "") -> None:
         reader.count_bad(s["__url__"], reason)
-        log.warning("skipping sample %s in shard %s: %s", s["__key__"], s["__url__"], reason)
+        log.warning("skipping sample %s in shard %s: %s%s", s["__key__"], s["__url__"], reason,
+                    f" ({detail})" if detail else "")
         return None
 
     def _collate(self, items: list[dict]) -> dict[str, Any]:
-        batch: dict[str, Any] = {"keys": [it["key"] for it in items]}
-        if self.mode != "embeddings":
-            batch["captions"] = [it["caption"] for it in items]
-            if self.tokenizer is not None:
-                batch["tokens"] = self.tokenizer(batch["captions"])
+        batch: dict[str, Any] = {"keys": [it["key"] for it in items],
+                                 "captions": [it["caption"] for it in items]}
+        if self.tokenizer is not None:
+            batch["tokens"] = self.tokenizer(batch["captions"])
         if self.mode == "image_text":
             imgs = [it["image"] for it in items]
             batch["images"] = torch.stack(imgs) if isinstance(imgs[0], torch.Tensor) else imgs
@@ -325,13 +238,6 @@ class ShardBatchDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if self.mode == "embeddings":
-            if self.start and len(self.start) != num_workers:
-                raise ValueError(f"resume state has positions for {len(self.start)} DataLoader "
-                                 f"workers but this loader has {num_workers}; resume with the same "
-                                 "num_workers")
-            yield from self._iter_embeddings(worker, num_workers, self.start[worker] if self.start else 0)
-            return
         # A persistent worker runs one pass per epoch: the start cursor is for its first pass.
         passes, self._passes = self._passes, self._passes + 1
         start = self.start[worker] if passes == 0 and self.start else None
@@ -352,7 +258,8 @@ class SampleStream:
         for batch in stream:           # one epoch; batch["images"], ["tokens"], ["v_old"], ["w_old"]
             ...; ckpt["data"] = stream.state_dict()
         stream.load_state_dict(all_ranks_data)  # on restart, any layout: continues where it left off
-    Stage 1: `SampleStream("emb/text", mode="embeddings", batch_size=..)` -> `text_new`, `text_old`.
+    Stage 1 over text shards: `mode="text"` (captions and tokens; precomputed text embeddings
+    stream through data/text_stream.py instead).
     `fields` maps batch names to embedding fields (default v_old/w_old for image_text targets).
     `max_bad_fraction` (1 = no limit) bounds skipped samples per epoch; `epoch_samples` (default:
     sizes.json) makes it a fraction of the whole epoch rather than of what was read so far.
@@ -376,7 +283,7 @@ class SampleStream:
             src, batch_size=batch_size, mode=mode, transform=transform, tokenizer=tokenizer,
             targets=targets, fields=fields, rank=rank, world_size=world_size, seed=seed,
             shuffle=shuffle, shuffle_buffer=shuffle_buffer, resampled=resampled,
-            drop_last=drop_last, emit_tail=True, read_retries=read_retries,
+            drop_last=drop_last, read_retries=read_retries,
             retry_backoff_s=retry_backoff_s)
         sizes = self.dataset.sizes
         self.epoch_samples = epoch_samples if epoch_samples is not None else sum(sizes.values())
@@ -400,14 +307,10 @@ class SampleStream:
         n = self._n_workers
         self._slots: list[dict | None] = [None] * n  # cursor after the last consumed batch; None: fresh
         self._next_worker, self._finished = 0, [False] * n
-        self._consumed = [0] * n                     # embeddings mode: rows consumed per worker
         self._budget = {"good": 0.0, "bad": 0.0}     # this epoch's samples, for max_bad_fraction
 
     def __iter__(self) -> Iterator[dict]:
         """One epoch of batches. Breaking out and iterating again continues the same epoch."""
-        if self.dataset.mode == "embeddings":
-            yield from self._iter_embeddings()
-            return
         ds = self.dataset
         fresh = all(s is None for s in self._slots) and self._next_worker == 0 and not any(self._finished)
         if not (self.num_workers and fresh and self._loader is not None
@@ -514,10 +417,6 @@ class SampleStream:
     def state_dict(self) -> dict[str, Any]:
         """This rank's part of the global data cursor (small: shard names, offsets, generator)."""
         ds = self.dataset
-        if ds.mode == "embeddings":
-            return {"mode": "embeddings", "epoch": self.epoch, "consumed": list(self._consumed),
-                    "num_workers": self.num_workers, "rank": ds.rank, "world_size": ds.world_size,
-                    "seed": ds.seed, "resampled": ds.resampled, "skipped": dict(self.skipped)}
         table: dict[str, int] = {}
         slots = [to_named(s if s is not None else ds.fresh_slot(self.epoch, w, self._n_workers),
                           ds.shards, table) for w, s in enumerate(self._slots)]
@@ -532,9 +431,6 @@ class SampleStream:
         A single dict is taken as this rank's own part and needs the same layout."""
         ds = self.dataset
         own = isinstance(states, dict)
-        if ds.mode == "embeddings":
-            return self._load_embeddings(states if own else states[ds.rank] if
-                                         len(states) > ds.rank else states[0])
         parts = [states] if own else list(states)
         if not parts or any(p.get("version") != 2 for p in parts):
             raise ValueError("data state is not a sample-stream cursor (version 2): it was written "
@@ -575,31 +471,3 @@ class SampleStream:
             self._budget = {k: sum(p["budget"][k] for p in parts) / ds.world_size
                             for k in ("good", "bad")}
         ds.shards = sorted(index, key=index.__getitem__)
-
-    # ---- embeddings mode (stage 1): per-worker row counts, same layout only ----
-    def _iter_embeddings(self) -> Iterator[dict]:
-        ds = self.dataset
-        ds.epoch = self.epoch
-        ds.start = list(self._consumed) if any(self._consumed) else []
-        loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,
-                            pin_memory=self.pin_memory, persistent_workers=False,
-                            generator=torch.Generator().manual_seed(ds.seed))
-        for batch in loader:
-            w = batch.pop("_worker")
-            self._consumed[w] = batch.pop("_pos")
-            self.skipped.update(batch.pop("_skipped"))
-            if batch:  # empty tails only carry the counters
-                yield batch
-        self.set_epoch(self.epoch + 1)
-
-    def _load_embeddings(self, state: dict[str, Any]) -> None:
-        ds = self.dataset
-        for name, mine in (("world_size", ds.world_size), ("num_workers", self.num_workers),
-                           ("seed", ds.seed), ("resampled", ds.resampled), ("rank", ds.rank)):
-            if state.get(name, mine) != mine:
-                raise ValueError(f"data state was saved with {name}={state[name]} but this stream has "
-                                 f"{name}={mine}; resume with the same setting (positions are per "
-                                 "rank and DataLoader worker)")
-        self.set_epoch(int(state["epoch"]))
-        self._consumed = [int(c) for c in state["consumed"]]
-        self.skipped = Counter(state.get("skipped", {}))

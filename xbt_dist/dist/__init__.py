@@ -4,7 +4,6 @@
   and `make_deepspeed_backend(dist_cfg)`, the `WorkerContext.make_backend` factory.
 - `ray_runner`: `run_on_ray(stage_fn, cfg, resume)` runs a stage function on N Ray Train workers.
 - `embed_job`: `embed_on_ray(...)`, `xbt embed` with shards spread over Ray tasks.
-- `testing`: tiny stage functions and helpers the distributed tests (and smoke runs) launch.
 
 Only this package imports ray and deepspeed, and only inside functions, so importing it is cheap
 and DS_ACCELERATOR can still be set before deepspeed loads.

@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Callable, ContextManager
 
@@ -419,8 +418,3 @@ def make_deepspeed_backend(dist_cfg: DistConfig, world_size: int | None = None,
         gpu = on_gpu if on_gpu is not None else (dist_cfg.use_gpu and torch.cuda.is_available())
         return DeepSpeedBackend(module, optim, total_steps, local_batch, dist_cfg, ws, gpu)
     return make
-
-
-def set_cpu_accelerator() -> None:
-    """Must run before deepspeed is imported: its accelerator is chosen once, at import."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -1,4 +1,4 @@
-"""Backward-compatibility cases and verdict (DESIGN.md section 1, paper Eqn 1).
+"""Backward-compatibility cases and verdict (paper Eqn 1).
 
 Input is a dict of VIEWS of one eval set, each view = {"image": (N, d), "text": (M, d)}:
 

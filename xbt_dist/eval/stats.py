@@ -145,7 +145,7 @@ def compare(ranks_new: Mapping, ranks_ref: Mapping, caption_to_image=None, ks: S
 
 
 def interval_verdict(comparison: Mapping, ks: Sequence[int] = (5,)) -> dict:
-    """The goal of issue 12: gain interval's lower bound > 0 in R@K for both directions.
+    """The goal on the toy world: gain interval's lower bound > 0 in R@K for both directions.
 
     Returns {"pass": bool, "cells": {"t2i R@5": "margin +0.012 [+0.004, +0.020]"}, "worst_lo": ...}."""
     cells, los = {}, []

@@ -28,8 +28,6 @@ so that the engine's external-parameter discovery gathers weights read outside t
 from __future__ import annotations
 
 import contextlib
-import warnings
-from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -40,45 +38,11 @@ from peft.tuners.lora.layer import MultiheadAttention as PeftLoraMultiheadAttent
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-_TOWERS = ("image", "text")
-_LORA_TARGETS = ("attn", "mlp")
+# The config lives with the other configs (config.py is a leaf: it imports no model code);
+# `from xbt_dist.models.adapters import AdapterConfig` keeps working.
+from xbt_dist.config import AdapterConfig  # noqa: F401
+
 _TOWER_PREFIX = {"image": r"visual\.transformer", "text": r"transformer"}
-
-
-@dataclass
-class AdapterConfig:
-    """What XBT adds to (and trains in) the new model."""
-    lora_rank: int = 8                              # LoRA rank r (0 = no LoRA)
-    lora_alpha: float = 16                          # LoRA scaling is alpha / r
-    lora_dropout: float = 0.0                       # dropout on LoRA inputs (MLP targets only, see below)
-    lora_targets: tuple[str, ...] = ("attn",)       # "attn" = q,k,v,out of attention; "mlp" = c_fc, c_proj
-    text_prompts: int = 4                           # CoOp soft prompt tokens after the start token
-    visual_prompts: int = 4                         # VPT-shallow prompt tokens after the class token
-    tune_layernorm: bool = True                     # train LayerNorm affine parameters (as deltas)
-    towers: tuple[str, ...] = ("image", "text")     # towers that get LoRA and LN tuning
-    full_tune: bool = False                         # paper's Full-tune baseline: no adapters, all weights train
-
-    def __post_init__(self):
-        self.lora_targets = tuple(self.lora_targets)
-        self.towers = tuple(self.towers)
-        for name in ("lora_rank", "text_prompts", "visual_prompts"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"AdapterConfig.{name} must be an int >= 0, got {v!r}")
-        if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
-            raise ValueError(f"AdapterConfig.lora_alpha must be > 0, got {self.lora_alpha!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"AdapterConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        bad = [t for t in self.lora_targets if t not in _LORA_TARGETS]
-        if bad:
-            raise ValueError(f"AdapterConfig.lora_targets: unknown {bad}; choose from {list(_LORA_TARGETS)}")
-        bad = [t for t in self.towers if t not in _TOWERS]
-        if bad or not self.towers:
-            raise ValueError(f"AdapterConfig.towers must be a non-empty subset of {list(_TOWERS)}, got "
-                             f"{list(self.towers)}")
-        if self.lora_dropout > 0 and "attn" in self.lora_targets:
-            # Attention LoRA is applied as a weight delta (see LoraMultiheadAttention): no input dropout.
-            warnings.warn("AdapterConfig.lora_dropout applies to MLP LoRA only; attention LoRA runs without it")
 
 
 class LoraMultiheadAttention(PeftLoraMultiheadAttention):

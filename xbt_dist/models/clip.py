@@ -218,10 +218,3 @@ def split_device_normalize(transform: Callable) -> tuple[Callable, DeviceNormali
     if norm.inplace:
         raise ValueError("an in-place Normalize cannot be split off")
     return T.Compose(steps[:-2] + [T.PILToTensor()]), DeviceNormalize(norm.mean, norm.std)
-
-
-def save_state_dict(model: nn.Module, path: str | os.PathLike) -> None:
-    """Save a model's state dict in the form `load_clip` reads back (pretrained=<path>)."""
-    torch.save(model.state_dict(), path)
-
-

@@ -1,4 +1,4 @@
-"""Preprocessing stage (issue 5): from URL lists, caption dumps and eval datasets to the shard
+"""Preprocessing stage: from URL lists, caption dumps and eval datasets to the shard
 sets of docs/architecture.md (Shard formats), plus `validate` for any shard set.
 
 - `images`: img2dataset on URL lists -> image-text shards + failure report.

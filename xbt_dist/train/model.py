@@ -26,7 +26,7 @@ from xbt_dist.models.phi import Phi
 # online for the targets. That is the reading that fits Tables 5 and 6 together (Base clearly worse
 # than XBT at about twice its time; "text-only pretraining + XBT" cheaper than every other method).
 PAPER_BASELINES = ("base", "lora_only", "full_tune")
-# Variants this project called base/lora_only/full_tune before (issue 12), under names that say what
+# Variants this project called base/lora_only/full_tune before it adopted the paper's names, under names that say what
 # they are: each keeps one ingredient of XBT (stage-1 phi or stored targets) that the paper's do not.
 ABLATION_METHODS = ("xbt_old_online", "lora_only_stored", "full_tune_stage1")
 

@@ -6,7 +6,7 @@ The policy, and why:
 - Parameters stay fp32, trainable and frozen alike. The optimiser (plain AdamW or a DeepSpeed
   ZeRO 0-3 engine, whose own bf16/fp16 modes stay OFF) therefore updates fp32 weights: these ARE
   the master weights, on every ZeRO stage including 0, where DeepSpeed's bf16 mode would run AdamW
-  on bf16 weights with no fp32 copy (issue 10). Gradients and their all-reduce are fp32 too, which
+  on bf16 weights with no fp32 copy. Gradients and their all-reduce are fp32 too, which
   costs little: only adapters and phi (~8M parameters in the paper setting) have gradients.
 - `torch.autocast` runs matmuls/convolutions/attention of the forward in bf16 (the towers' cost)
   and keeps autocast's fp32 ops (softmax, layer norm, losses) in fp32. Inputs may be any float

@@ -19,7 +19,7 @@ from torch import nn
 
 from xbt_dist import storage
 from xbt_dist.artifacts import write_manifest
-from xbt_dist.config import RunConfig, to_dict
+from xbt_dist.config import RunConfig, stage1_setting, to_dict
 from xbt_dist.data.embeddings import EmbeddingShardSet
 from xbt_dist.data.shards import list_shards, shard_sizes
 from xbt_dist.data.stream import SampleStream
@@ -77,6 +77,8 @@ def _count(src: str, embeddings: bool) -> int:
 def run_stage1(cfg: RunConfig, ctx: WorkerContext | None = None, resume: bool = False) -> dict:
     ctx = ctx or WorkerContext()
     s1 = cfg.stage1
+    warn = ctx.rank == 0  # the stage1.* <- train.* fallback note, once per run
+    seed = stage1_setting(cfg, "seed", warn)
     stage_dir = cfg.stage_dir("phi")
     local_batch = s1.batch_size // (ctx.world_size * s1.optim.grad_accum)
     if local_batch < 1:
@@ -93,7 +95,7 @@ def run_stage1(cfg: RunConfig, ctx: WorkerContext | None = None, resume: bool = 
         # memory-mapped, block-shuffled fp16 rows with a global cursor (data/text_stream.py)
         stream = TextEmbeddingStream(s1.embeddings, batch_size=local_batch,
                                      fields={"w_new": "text_new", "w_old": "text_old"},
-                                     rank=ctx.rank, world_size=ctx.world_size, seed=cfg.train.seed,
+                                     rank=ctx.rank, world_size=ctx.world_size, seed=seed,
                                      drop_last=True, num_workers=loaders,
                                      pin_memory=ctx.device.type == "cuda")
         encode = None
@@ -103,7 +105,7 @@ def run_stage1(cfg: RunConfig, ctx: WorkerContext | None = None, resume: bool = 
         old, new = load_clip(cfg.old, ctx.device), load_clip(cfg.new, ctx.device)
         d_new, d_old = new.embed_dim, old.embed_dim
         stream = SampleStream(s1.text_shards, mode="text", batch_size=local_batch,
-                              rank=ctx.rank, world_size=ctx.world_size, seed=cfg.train.seed,
+                              rank=ctx.rank, world_size=ctx.world_size, seed=seed,
                               shuffle_buffer=4096, drop_last=True, num_workers=loaders,
                               pin_memory=ctx.device.type == "cuda",
                               max_bad_fraction=cfg.data.max_bad_fraction,
@@ -115,7 +117,7 @@ def run_stage1(cfg: RunConfig, ctx: WorkerContext | None = None, resume: bool = 
             w_old = old.model.encode_text(old.tokenizer(captions).to(ctx.device), normalize=True)
             return w_new, w_old
 
-    torch.manual_seed(cfg.train.seed)  # same init (phi, prompts, LoRA) on every run and rank
+    torch.manual_seed(seed)  # same init (phi, prompts, LoRA) on every run and rank
     n = _count(s1.embeddings if encode is None else s1.text_shards, encode is None)
     total_steps = max(1, int(s1.epochs * n) // s1.batch_size)
     module = PhiModule(Phi(d_new, d_old, cfg.phi.hidden, cfg.phi.depth), s1.temperature).to(ctx.device)
@@ -136,7 +138,8 @@ def run_stage1(cfg: RunConfig, ctx: WorkerContext | None = None, resume: bool = 
 
     state = run_loop(name="phi", ctx=ctx, backend=backend, stream=stream, step_fn=step_fn,
                      total_steps=total_steps, global_batch=s1.batch_size, stage_dir=stage_dir,
-                     checkpoint_every=cfg.train.checkpoint_every, log_every=cfg.train.log_every,
+                     checkpoint_every=stage1_setting(cfg, "checkpoint_every", warn),
+                     log_every=stage1_setting(cfg, "log_every", warn),
                      resume=resume, tb_dir=f"{stage_dir}/tb")
     peaks = ctx.gather(peak_rss_mb())  # every rank's own high-water mark
     result = {"stage": "phi", "steps": state.step, "samples": state.samples,

@@ -1,6 +1,6 @@
 """Stage 2 (XBT): tune adapters of the new model jointly with phi against old embeddings.
 
-Targets (`train.target_source`, DESIGN.md section 3):
+Targets (`train.target_source`; docs/architecture.md, "Target sources"):
   precomputed  actual old embeddings `v_old`, `w_old` joined by key from embedding shards; the OLD
                MODEL IS NEVER LOADED (the default, and the paper's point: cheaper than Base)
   old_model    the frozen old model runs on each batch (paper's Base)
