@@ -319,3 +319,8 @@ def embed_shards(src, out_dir, encoders: dict[str, Any], fields: Sequence[str],
                                  config={"fields": fields, "batch_size": batch_size})
     return {"written": written, "already_done": done_before, "samples": samples,
             "skipped": dict(stats), "complete": complete}
+
+
+def load_embeddings(out_dir) -> EmbeddingShardSet:
+    """The finished embedding set at `out_dir` (errors if the manifest is missing)."""
+    return EmbeddingShardSet(out_dir, require_complete=True)
