@@ -321,6 +321,8 @@ def embed_shards(src, out_dir, encoders: dict[str, Any], fields: Sequence[str],
             "skipped": dict(stats), "complete": complete}
 
 
-def load_embeddings(out_dir) -> EmbeddingShardSet:
+def load_embeddings(out_dir):
     """The finished embedding set at `out_dir` (errors if the manifest is missing)."""
+    from xbt_dist.data.embeddings import EmbeddingShardSet
+
     return EmbeddingShardSet(out_dir, require_complete=True)
