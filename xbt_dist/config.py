@@ -239,6 +239,29 @@ class EvalConfig:
                "'float16' or 'float32'")
 
 
+@dataclass
+class LogConfig:
+    """Experiment trackers next to the progress line and TensorBoard (xbt_dist.train.tracking).
+
+    Off by default. Rank 0 logs every log point's metrics (the progress line's numbers, under
+    TensorBoard's names) and the whole run config; a resumed stage continues the same run.
+    """
+    wandb: bool = False              # Weights & Biases (pip install wandb)
+    wandb_project: str = "xbt"
+    wandb_entity: str | None = None  # team/user; null: the API key's default
+    wandb_mode: str | None = None    # "online" | "offline" (files for `wandb sync`) | "disabled"; null: $WANDB_MODE
+    mlflow: bool = False             # MLflow (pip install mlflow-skinny)
+    mlflow_tracking_uri: str | None = None  # http://server, sqlite:///file.db, file:///dir; null: $MLFLOW_TRACKING_URI
+    mlflow_experiment: str = "xbt"
+
+    def __post_init__(self):
+        _check(self.wandb_mode in (None, "online", "offline", "disabled"), "log.wandb_mode",
+               self.wandb_mode, "'online', 'offline', 'disabled' or null ($WANDB_MODE)")
+        _check(bool(self.wandb_project), "log.wandb_project", self.wandb_project, "a project name")
+        _check(bool(self.mlflow_experiment), "log.mlflow_experiment", self.mlflow_experiment,
+               "an experiment name")
+
+
 INDEX_TYPES = ("flat", "ivfpq", "hnsw")
 GALLERY_VIEWS = ("old", "new", "xbt")
 
@@ -323,6 +346,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def stage_dir(self, stage: str) -> str:
         return f"{self.out_dir.rstrip('/')}/{stage}"

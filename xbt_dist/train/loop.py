@@ -136,7 +136,8 @@ def resume_from(ckpt: Checkpointer, ctx: WorkerContext, backend, stream, state: 
 
 def run_loop(*, name: str, ctx: WorkerContext, backend, stream, step_fn: Callable,
              total_steps: int, global_batch: int, stage_dir: str, checkpoint_every: int = 0,
-             log_every: int = 10, resume: bool = False, tb_dir: str | None = None) -> LoopState:
+             log_every: int = 10, resume: bool = False, tb_dir: str | None = None,
+             trackers: list | None = None) -> LoopState:
     ckpt = Checkpointer(stage_dir, rank=ctx.rank, world_size=ctx.world_size, barrier=ctx.barrier)
     state = LoopState()
     stop_file = storage.join(stage_dir, STOP_FILE)
@@ -158,7 +159,7 @@ def run_loop(*, name: str, ctx: WorkerContext, backend, stream, step_fn: Callabl
     local_batch = global_batch // ctx.world_size
     if tb_dir and storage.is_remote(tb_dir):
         tb_dir = None  # TensorBoard's writer cannot append to an object store; the manifest has the curve
-    progress = Progress(name, total_steps, local_batch, ctx.world_size, ctx.rank, log_every, tb_dir)
+    progress = Progress(name, total_steps, local_batch, ctx.world_size, ctx.rank, log_every, tb_dir, trackers)
     batches = endless(stream)
     backend.module.train()
     while state.step < total_steps:
