@@ -86,6 +86,7 @@ SLOW_TESTS: dict[str, float] = {  # seconds in the full `--durations=0` run (sha
     "tests/test_slurm.py::test_usr1_checkpoints_and_self_requeues": 31,
     "tests/test_slurm_xbt.py": 137,
     "tests/test_ray_jobs.py": 422,  # 4 Ray jobs (driver + Train controller + DeepSpeed each); load ~15
+    "tests/test_tracking.py::test_trackers_log_the_progress_metrics_and_config": 33,
 }
 TIMEOUTS: dict[str, int] = {
     # DeepSpeed ZeRO on 2 gloo ranks; the first test JIT-compiles DeepSpeed's shm op (190-460 s
