@@ -87,7 +87,7 @@ def write_tiny_world(root: Path) -> dict:
 # fails when an entry goes stale.
 CLUSTER_FILES = ("test_dist_ray.py", "test_slurm.py", "test_slurm_xbt.py", "test_data_ray.py",
                  "test_precision_ray.py", "test_embed_job.py", "test_slurm_placement.py",
-                 "test_s3_storage.py")
+                 "test_s3_storage.py", "test_ray_jobs.py")
 SLOW_TESTS: dict[str, float] = {  # seconds in the full `--durations=0` run (shared machine, load ~7)
     "tests/test_dist.py::test_deepspeed_zero2_zero3_match_single_process_on_xbt_model": 1685,  # JIT build wait
     "tests/test_dist.py::test_global_batch_loss_and_grads_match_single_worker": 33,
@@ -109,6 +109,8 @@ SLOW_TESTS: dict[str, float] = {  # seconds in the full `--durations=0` run (sha
     "tests/test_slurm.py::test_scontrol_requeue_resumes_to_same_result": 37,
     "tests/test_slurm.py::test_usr1_checkpoints_and_self_requeues": 31,
     "tests/test_slurm_xbt.py": 137,
+    "tests/test_ray_jobs.py": 422,  # 4 Ray jobs (driver + Train controller + DeepSpeed each); load ~15
+    "tests/test_tracking.py::test_trackers_log_the_progress_metrics_and_config": 33,
 }
 TIMEOUTS: dict[str, int] = {
     # DeepSpeed ZeRO on 2 gloo ranks; the first test JIT-compiles DeepSpeed's shm op (190-460 s

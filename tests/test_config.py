@@ -59,3 +59,48 @@ def test_overrides_parse_numbers_and_lists():
 def test_missing_file():
     with pytest.raises(ConfigError, match="not found"):
         load_config("configs/nope.yaml")
+
+
+# ---- errors name the recipe's file, line and column (one line on the command line) ----------
+
+@pytest.mark.parametrize("text, where, problem", [
+    ("name: x\ntrain:\n  batch_size: 3\n   bad: [1\n", "4:7", "invalid YAML: mapping values are not allowed here"),
+    ("train: {epochs: [1\n", "2:1", "expected ',' or ']'"),
+    ("train:\n\tepochs: 1\n", "2:1", "invalid YAML"),          # a tab in the indentation
+    ("- a\n- b\n", "1:1", "must be a YAML mapping"),
+])
+def test_malformed_recipe_names_file_line_column(tmp_path, text, where, problem):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}:{where}: ") and problem in msg and "\n" not in msg
+
+
+def test_bad_key_and_value_name_where_they_are_set(tmp_path):
+    (tmp_path / "base.yaml").write_text("name: b\ntrain:\n  epochs: 1\n  batchsize: 4\n")
+    (tmp_path / "run.yaml").write_text("base: base.yaml\n\ndist:\n  workers: 2\n  zero_stage: 5\n")
+    with pytest.raises(ConfigError) as e:  # the unknown key sits in the base recipe
+        load_config(tmp_path / "run.yaml")
+    assert str(e.value).startswith(f"{tmp_path / 'base.yaml'}:4:3: unknown config key 'train.batchsize'")
+    with pytest.raises(ConfigError) as e:  # an override of another key does not hide it
+        load_config(tmp_path / "run.yaml", ["train.batch_size=4"])
+    assert str(e.value).startswith(f"{tmp_path / 'base.yaml'}:4:3: unknown config key 'train.batchsize'")
+    (tmp_path / "base.yaml").write_text("name: b\ntrain:\n  epochs: 1\n")
+    with pytest.raises(ConfigError) as e:  # the bad value in the recipe itself
+        load_config(tmp_path / "run.yaml")
+    assert str(e.value).startswith(f"{tmp_path / 'run.yaml'}:5:3: dist.zero_stage=5 is invalid")
+    with pytest.raises(ConfigError) as e:  # set on the command line: no file position to give
+        load_config(tmp_path / "run.yaml", ["dist.zero_stage=6"])
+    assert str(e.value).startswith("dist.zero_stage=6 is invalid")
+
+
+def test_cli_prints_one_line_for_a_malformed_recipe(tmp_path, capsys):
+    from xbt_dist.cli import main
+
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  epochs: 1\n   x: 2\n")
+    assert main(["params", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{path}:3:5: invalid YAML" in err and "Traceback" not in err

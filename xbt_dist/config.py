@@ -20,12 +20,20 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A config key or value is wrong; the message names the field and the fix."""
+    """A config key or value is wrong; the message names the field and the fix.
+
+    `key` is the dotted field name when the error is about one (`train.lr`): `load_config` uses it
+    to prefix the message with the recipe's `file:line:column` of that key.
+    """
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 def _check(cond: bool, name: str, value: Any, expected: str) -> None:
     if not cond:
-        raise ConfigError(f"{name}={value!r} is invalid: expected {expected}")
+        raise ConfigError(f"{name}={value!r} is invalid: expected {expected}", key=name)
 
 
 @dataclass
@@ -250,7 +258,7 @@ class DistConfig:
         _check(self.precision in (None,) + PRECISIONS, "dist.precision", self.precision,
                f"one of {PRECISIONS}, or null for the device default (bf16 on GPU, fp32 on CPU)")
         if self.precision == "fp16":
-            raise ConfigError(FP16_REFUSED)
+            raise ConfigError(FP16_REFUSED, key="dist.precision")
         _check(self.workers >= 1, "dist.workers", self.workers, "an int >= 1")
         _check(self.zero_stage in (0, 1, 2, 3), "dist.zero_stage", self.zero_stage, "0, 1, 2 or 3")
         _check(self.report_every_s >= 0, "dist.report_every_s", self.report_every_s, "seconds >= 0")
@@ -287,6 +295,29 @@ class EvalConfig:
                "eval.rank_device", self.rank_device, "'auto', 'cpu' or 'cuda[:N]'")
         _check(self.embed_dtype in ("float16", "float32"), "eval.embed_dtype", self.embed_dtype,
                "'float16' or 'float32'")
+
+
+@dataclass
+class LogConfig:
+    """Experiment trackers next to the progress line and TensorBoard (xbt_dist.train.tracking).
+
+    Off by default. Rank 0 logs every log point's metrics (the progress line's numbers, under
+    TensorBoard's names) and the whole run config; a resumed stage continues the same run.
+    """
+    wandb: bool = False              # Weights & Biases (pip install wandb)
+    wandb_project: str = "xbt"
+    wandb_entity: str | None = None  # team/user; null: the API key's default
+    wandb_mode: str | None = None    # "online" | "offline" (files for `wandb sync`) | "disabled"; null: $WANDB_MODE
+    mlflow: bool = False             # MLflow (pip install mlflow-skinny)
+    mlflow_tracking_uri: str | None = None  # http://server, sqlite:///file.db, file:///dir; null: $MLFLOW_TRACKING_URI
+    mlflow_experiment: str = "xbt"
+
+    def __post_init__(self):
+        _check(self.wandb_mode in (None, "online", "offline", "disabled"), "log.wandb_mode",
+               self.wandb_mode, "'online', 'offline', 'disabled' or null ($WANDB_MODE)")
+        _check(bool(self.wandb_project), "log.wandb_project", self.wandb_project, "a project name")
+        _check(bool(self.mlflow_experiment), "log.mlflow_experiment", self.mlflow_experiment,
+               "an experiment name")
 
 
 INDEX_TYPES = ("flat", "ivfpq", "hnsw")
@@ -373,6 +404,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def stage_dir(self, stage: str) -> str:
         return f"{self.out_dir.rstrip('/')}/{stage}"
@@ -445,14 +477,14 @@ def from_dict(cls, data: dict, prefix: str = ""):
             if nested:
                 close = [f"{prefix}.{nested[0]}" if prefix else nested[0]]
             hint = f" (did you mean '{close[0]}'?)" if close else f"; known keys: {', '.join(names)}"
-            raise ConfigError(f"unknown config key '{dotted}'{hint}")
+            raise ConfigError(f"unknown config key '{dotted}'{hint}", key=dotted)
         kwargs[key] = _coerce(value, types[key], dotted)
     try:
         return cls(**kwargs)
     except ConfigError:
         raise
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{prefix or cls.__name__}: {e}") from e
+        raise ConfigError(f"{prefix or cls.__name__}: {e}", key=prefix or None) from e
 
 
 def to_dict(cfg) -> dict:
@@ -513,26 +545,92 @@ def recipe_path(path: str | Path) -> Path:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Load a YAML recipe (optionally with `base: other.yaml`) and apply dotted overrides."""
+    """Load a YAML recipe (optionally with `base: other.yaml`) and apply dotted overrides.
+
+    Errors are one line: a malformed recipe names `file:line:column` and the parser's problem; a
+    bad key or value that came from a recipe (not from an override) is prefixed with the
+    `file:line:column` of that key, in the recipe or the `base:` recipe that set it.
+    """
     data: dict = {}
+    marks: dict[str, str] = {}
     if path is not None:
-        data = _read_yaml(recipe_path(path))
+        data = _read_yaml(recipe_path(path), marks)
     apply_overrides(data, overrides)
-    return from_dict(RunConfig, data)
+    # An overridden key's value no longer comes from the file: its errors get no file position.
+    overridden = {item.split("=", 1)[0].strip() for item in overrides or []}
+    try:
+        return from_dict(RunConfig, data)
+    except ConfigError as e:
+        where = _locate(e.key, marks, overridden)
+        if where is None:
+            raise
+        raise ConfigError(f"{where}: {e}", key=e.key) from e
 
 
-def _read_yaml(path: Path) -> dict:
+def _locate(key: str | None, marks: dict[str, str], overridden: set[str]) -> str | None:
+    """`file:line:col` of the dotted key, or of its closest enclosing section that has one."""
+    while key:
+        if key in overridden:
+            return None
+        if key in marks:
+            return marks[key]
+        key = key.rpartition(".")[0]
+    return None
+
+
+def _mark(path: Path, mark) -> str:
+    return f"{path}:{mark.line + 1}:{mark.column + 1}"  # yaml marks count from 0; editors from 1
+
+
+def _parse(path: Path, marks: dict[str, str]) -> Any:
+    """Parse one YAML file; record `file:line:col` of every mapping key by dotted name."""
+    text = path.read_text()
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = _mark(path, mark) if mark is not None else str(path)
+        what = ": ".join(x for x in (e.context, e.problem) if x)
+        raise ConfigError(f"{where}: invalid YAML: {what} (check the indentation, colons and quotes "
+                          "there or on the line above)") from None
+    except yaml.YAMLError as e:  # not tied to a position (e.g. bytes that are not UTF-8)
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    finally:
+        loader.dispose()
+
+    def walk(n, prefix: str) -> None:
+        if not isinstance(n, yaml.MappingNode):
+            return
+        for k, v in n.value:
+            if isinstance(k, yaml.ScalarNode):
+                dotted = f"{prefix}.{k.value}" if prefix else k.value
+                marks[dotted] = _mark(path, k.start_mark)
+                walk(v, dotted)
+
+    if node is not None:
+        walk(node, "")
+    return data
+
+
+def _read_yaml(path: Path, marks: dict[str, str] | None = None) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {path} not found (shipped recipes: "
                           f"{', '.join(sorted(p.name for p in RECIPE_DIR.glob('*.yaml')))}, e.g. configs/toy.yaml)")
-    data = yaml.safe_load(path.read_text()) or {}
+    mine: dict[str, str] = {}
+    data = _parse(path, mine) or {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a recipe must be a YAML mapping of RunConfig sections")
+        raise ConfigError(f"{path}:1:1: a recipe must be a YAML mapping of RunConfig sections "
+                          f"(name: ..., train: {{...}}), got a {type(data).__name__}")
     base = data.pop("base", None)
+    mine.pop("base", None)
     if base:
-        merged = _read_yaml((path.parent / base).resolve())
+        merged = _read_yaml((path.parent / base).resolve(), marks)
         _deep_update(merged, data)
         data = merged
+    if marks is not None:
+        marks.update(mine)  # this file's keys win over its base's, as its values do
     return data
 
 

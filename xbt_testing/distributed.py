@@ -234,10 +234,19 @@ class LocalRayCluster:
     processes this object started (by process group) and never touches other users' Ray
     instances (`ray stop` would). Per-node ports are picked free for everything that defaults to
     a fixed number (GCS, client server, dashboard agent), since two nodes share one host.
+
+    `auth_dir`: token authentication ON, as `ray start` has it by default since Ray 2.60. A fresh
+    token is written to `<auth_dir>/auth_token` and handed to every node and client through
+    `RAY_AUTH_MODE=token` + `RAY_AUTH_TOKEN_PATH` (never ~/.ray/auth_token, which would switch
+    every later local Ray on this machine to token auth). This process then never connects
+    in-process (Ray caches the token mode process-wide, which would break the tests that run
+    after it): it waits through `ray` subprocesses, and clients use `client_env()`.
+    `dashboard`: run the dashboard (the Jobs API: `ray job submit`) on 127.0.0.1, at `dashboard_url`.
     """
 
     def __init__(self, nodes: int = 2, cpus_per_node: int = 1, temp_dir: str | None = None,
-                 node_env: list[dict[str, str]] | None = None):
+                 node_env: list[dict[str, str]] | None = None, auth_dir: str | None = None,
+                 dashboard: bool = False):
         self.nodes, self.cpus = nodes, cpus_per_node
         self.temp_dir = temp_dir
         # Extra environment per node (its raylet and workers inherit it), e.g. a TMPDIR of its
@@ -245,6 +254,32 @@ class LocalRayCluster:
         self.node_env = node_env or [{} for _ in range(nodes)]
         self.procs: list = []
         self.address: str | None = None
+        self.dashboard_url: str | None = None
+        self.dashboard = dashboard
+        self.token_path: str | None = None
+        if auth_dir is not None:
+            import secrets
+            from pathlib import Path
+
+            Path(auth_dir).mkdir(parents=True, exist_ok=True)
+            self.token_path = str(Path(auth_dir) / "auth_token")
+            fd = os.open(self.token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))  # what `ray get-auth-token --generate` writes
+
+    def auth_env(self) -> dict[str, str]:
+        """The variables a Ray process needs to talk to this cluster (empty without auth)."""
+        if self.token_path is None:
+            return {"RAY_AUTH_MODE": "disabled"}
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": self.token_path}
+
+    def client_env(self) -> dict[str, str]:
+        """Environment for `ray job ...` / driver subprocesses: this process's, plus the token and
+        RAY_ADDRESS (the dashboard's URL when it runs, else the GCS address)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+        env.update(self.auth_env())
+        env["RAY_ADDRESS"] = self.dashboard_url or self.address or ""
+        return env
 
     def _start_node(self, head: bool, log) -> None:
         import subprocess
@@ -259,17 +294,22 @@ class LocalRayCluster:
         if head:
             port = free_port()
             self.address = f"127.0.0.1:{port}"
-            args += ["--head", f"--port={port}", "--include-dashboard=false",
-                     f"--ray-client-server-port={free_port()}"]
+            args += ["--head", f"--port={port}", f"--ray-client-server-port={free_port()}"]
+            if self.dashboard:
+                dport = free_port()
+                self.dashboard_url = f"http://127.0.0.1:{dport}"
+                args += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dport}"]
+            else:
+                args.append("--include-dashboard=false")
             if self.temp_dir:
                 args.append(f"--temp-dir={self.temp_dir}")
         else:
             args.append(f"--address={self.address}")
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("RAY_AUTH")}
         env.update(self.node_env[len(self.procs)])
-        # The driver connects without a token; a ~/.ray/auth_token left by another tool must not
-        # switch this throwaway cluster to token auth.
-        env["RAY_AUTH_MODE"] = "disabled"
+        # Without auth_dir the driver connects without a token; a ~/.ray/auth_token left by another
+        # tool must not switch this throwaway cluster to token auth.
+        env.update(self.auth_env())
         self.procs.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
                                            start_new_session=True))
 
@@ -283,7 +323,10 @@ class LocalRayCluster:
         connected = False
         while not connected:
             try:
-                ray.init(address=self.address, log_to_driver=False)
+                if self.token_path is None:
+                    ray.init(address=self.address, log_to_driver=False)
+                else:
+                    self._ray_cli(["health-check", f"--address={self.address}"], timeout=60)
                 connected = True
             except Exception:  # noqa: BLE001 - GCS not up yet
                 if time.time() > deadline or self.procs[0].poll() is not None:
@@ -292,13 +335,48 @@ class LocalRayCluster:
                 time.sleep(2)
         for _ in range(self.nodes - 1):
             self._start_node(False, log)
-        while len([n for n in ray.nodes() if n["Alive"]]) < self.nodes:
+        while self._alive() < self.nodes:
             if time.time() > deadline or any(p.poll() is not None for p in self.procs):
-                joined = len([n for n in ray.nodes() if n["Alive"]])  # before stop() disconnects
+                joined = self._alive()  # before stop() disconnects
                 self.stop()
                 raise RuntimeError(f"only {joined} of {self.nodes} Ray nodes joined {self.address}")
             time.sleep(1)
+        while self.dashboard_url is not None:  # the Jobs API answers (with the token) once it is up
+            try:
+                self._ray_cli(["job", "list", f"--address={self.dashboard_url}"], timeout=60)
+                break
+            except Exception:  # noqa: BLE001 - dashboard not up yet
+                if time.time() > deadline or self.procs[0].poll() is not None:
+                    self.stop()
+                    raise RuntimeError(f"the Ray dashboard at {self.dashboard_url} did not start")
+                time.sleep(2)
         return self
+
+    def _ray_cli(self, args: list[str], timeout: float = 120) -> str:
+        """Run `ray ARGS` with this cluster's client environment; its stdout, or CalledProcessError."""
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        ray_bin = str(Path(sys.executable).parent / "ray")
+        return subprocess.run([ray_bin, *args], env=self.client_env(), capture_output=True, text=True,
+                              check=True, timeout=timeout).stdout
+
+    def _alive(self) -> int:
+        import ray
+
+        if self.token_path is None:
+            return len([n for n in ray.nodes() if n["Alive"]])
+        if self.nodes == 1:
+            return 1  # the health check above saw the head
+        import subprocess
+        import sys
+
+        code = ("import ray; ray.init(address='%s', log_to_driver=False); "
+                "print(sum(n['Alive'] for n in ray.nodes()))" % self.address)
+        out = subprocess.run([sys.executable, "-c", code], env=self.client_env(), capture_output=True,
+                             text=True, timeout=120)
+        return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else 0
 
     def node_ids(self) -> list[str]:
         import ray

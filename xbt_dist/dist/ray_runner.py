@@ -49,7 +49,8 @@ RESULT_FILE = "result.json"
 FATAL_FILE = "FATAL.json"
 
 # Driver environment variables forwarded to workers (Ray workers do not inherit the driver's env).
-FORWARD_ENV_PREFIXES = ("XBT_", "DS_", "NCCL_", "GLOO_", "TORCH_", "OMP_NUM_THREADS")
+FORWARD_ENV_PREFIXES = ("XBT_", "DS_", "NCCL_", "GLOO_", "TORCH_", "OMP_NUM_THREADS",
+                        "WANDB_", "MLFLOW_")  # trackers: API key, mode, tracking URI (rank 0 logs)
 
 
 def connect_ray(dist_cfg: DistConfig, include_dashboard: bool | None = None,
@@ -74,9 +75,6 @@ def connect_ray(dist_cfg: DistConfig, include_dashboard: bool | None = None,
     need = dist_cfg.workers * dist_cfg.cpus_per_worker
     if include_dashboard is None:
         include_dashboard = os.environ.get("XBT_RAY_DASHBOARD", "1") == "1"
-    # Ray Train would route print() in workers through a logger and, with Ray's wrapped stderr,
-    # print every progress line twice; local workers inherit this from the raylet we start.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     dashboard_host = dashboard_host or os.environ.get("XBT_RAY_DASHBOARD_HOST", "127.0.0.1")
     # address="local": always a fresh local Ray, never a stale /tmp/ray/ray_current_cluster.
     ray.init(address="local", num_cpus=num_cpus or max(need, os.cpu_count() or 1),
@@ -172,6 +170,21 @@ class ReportThrottle:
             return False
         self.last = self.clock()
         return True
+
+
+def quiet_print_patch() -> None:
+    """Keep Ray Train from printing every worker print() twice (call before the trainer starts).
+
+    Ray Train's print patch (RAY_TRAIN_ENABLE_PRINT_PATCH, on by default) replaces print() in its
+    workers: the line goes to the root logger, whose console handler writes it, AND, because Ray
+    wraps a worker's sys.stderr, to the original print as well. So each progress line came twice
+    in the console, in `ray job logs` and in SLURM logs. Ray Train copies this variable from the
+    driver to its controller and workers at `fit()`, so setting it here covers a local Ray, an
+    attached cluster and a Ray job alike. A user who sets it to 1 gets Ray's behaviour back.
+    With the patch on, the job logs also carried Ray Train's INFO line per metrics report
+    ("Reporting training result N: ..."); with it off they do not (tests/test_ray_jobs.py).
+    """
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 
 def _worker_entry(config: dict) -> None:
@@ -316,6 +329,7 @@ def run_on_ray(stage_fn: Callable, cfg: RunConfig, resume: bool = False, *, name
         marker_dir = f"{storage_url}/{run_name}/attempts"
         fatal_marker = f"{_storage_path(cfg, storage_path).rstrip('/')}/{run_name}/{FATAL_FILE}"
         env = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_ENV_PREFIXES)}
+        quiet_print_patch()
         trainer = TorchTrainer(
             _worker_entry,
             train_loop_config={"stage_fn": stage_fn, "cfg": cfg, "resume": resume, "kwargs": kwargs,

@@ -59,6 +59,37 @@ def install_stop_handlers(stage_dir: str) -> None:
         pass
 
 
+class StepTimes:
+    """Where a step's time goes (XBT_STEP_TIMES=1): data, forward (+ loss), backward, optimiser
+    step, and the log-point work (the loss all-reduce + progress line, the Ray report, the stop
+    vote), in ms per step, printed by rank 0 at the end. Wall clock between phases: exact on CPU,
+    where every op is synchronous; on a GPU it charges queued kernels to the phase that waits.
+    """
+
+    PHASES = ("data", "forward", "backward", "step", "log", "report", "stop_vote")
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.total = dict.fromkeys(self.PHASES, 0.0)
+        self.t = 0.0
+
+    def start(self) -> None:
+        if self.enabled:
+            import time
+            self.t = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        if self.enabled:
+            import time
+            now = time.perf_counter()
+            self.total[phase] += now - self.t
+            self.t = now
+
+    def summary(self, steps: int) -> str:
+        per = {k: 1e3 * v / max(steps, 1) for k, v in self.total.items()}
+        return " ".join(f"{k}={v:.2f}" for k, v in per.items()) + f" | total={sum(per.values()):.2f} ms/step"
+
+
 @dataclass
 class LoopState:
     step: int = 0          # optimiser steps taken
@@ -136,7 +167,8 @@ def resume_from(ckpt: Checkpointer, ctx: WorkerContext, backend, stream, state: 
 
 def run_loop(*, name: str, ctx: WorkerContext, backend, stream, step_fn: Callable,
              total_steps: int, global_batch: int, stage_dir: str, checkpoint_every: int = 0,
-             log_every: int = 10, resume: bool = False, tb_dir: str | None = None) -> LoopState:
+             log_every: int = 10, resume: bool = False, tb_dir: str | None = None,
+             trackers: list | None = None) -> LoopState:
     ckpt = Checkpointer(stage_dir, rank=ctx.rank, world_size=ctx.world_size, barrier=ctx.barrier)
     state = LoopState()
     stop_file = storage.join(stage_dir, STOP_FILE)
@@ -158,14 +190,22 @@ def run_loop(*, name: str, ctx: WorkerContext, backend, stream, step_fn: Callabl
     local_batch = global_batch // ctx.world_size
     if tb_dir and storage.is_remote(tb_dir):
         tb_dir = None  # TensorBoard's writer cannot append to an object store; the manifest has the curve
-    progress = Progress(name, total_steps, local_batch, ctx.world_size, ctx.rank, log_every, tb_dir)
+    progress = Progress(name, total_steps, local_batch, ctx.world_size, ctx.rank, log_every, tb_dir, trackers)
     batches = endless(stream)
     backend.module.train()
+    times = StepTimes(os.environ.get("XBT_STEP_TIMES") == "1")
+    first_step = state.step
+    times.start()
     while state.step < total_steps:
         batch = next(batches)
+        times.lap("data")
         loss, parts = step_fn(batch)
+        times.lap("forward")
         backend.backward(loss)
-        if not backend.step():
+        times.lap("backward")
+        stepped = backend.step()
+        times.lap("step")
+        if not stepped:
             continue
         state.step += 1
         state.samples += global_batch
@@ -173,6 +213,7 @@ def run_loop(*, name: str, ctx: WorkerContext, backend, stream, step_fn: Callabl
         if checkpoint_every and state.step % checkpoint_every == 0 and state.step < total_steps:
             save()
         if not progress.due(state.step):
+            times.lap("step")
             continue
         # Log points only: .item() and the stop vote are sync points we keep off the hot path.
         # The global-batch loss: each rank's loss is its local rows' share, so report the mean
@@ -181,12 +222,18 @@ def run_loop(*, name: str, ctx: WorkerContext, backend, stream, step_fn: Callabl
         rec = progress.update(state.step, means[0], dict(zip(parts, means[1:])), backend.lr())
         rec["skipped"] = dict(getattr(stream, "skipped", {}))
         state.history.append(rec)
+        times.lap("log")
         if ctx.report is not None:
             ctx.report(rec)
-        if ctx.any_rank(_signalled or storage.exists(stop_file)):
+        times.lap("report")
+        stop = ctx.any_rank(_signalled or storage.exists(stop_file))
+        times.lap("stop_vote")
+        if stop:
             save()
             progress.close()
             raise StopRequested(f"{name}: checkpointed at step {state.step} on request")
+    if times.enabled and ctx.is_main:
+        print(f"[{name}] step times (rank 0): {times.summary(state.step - first_step)}", file=sys.stderr, flush=True)
     progress.close()
     save()
     backend.module.eval()

@@ -1,4 +1,7 @@
-"""Progress reporting: a console line (loss, samples/s, ETA) and TensorBoard scalars.
+"""Progress reporting: a console line (loss, samples/s, ETA), TensorBoard scalars and trackers.
+
+Every log point's record goes, under the same names (`<stage>/<metric>`), to TensorBoard and to
+the experiment trackers the run turned on (W&B, MLflow: `xbt_dist.train.tracking`), on rank 0.
 
 The loss it is given is the global-batch loss: the training loop averages each rank's local
 InfoNCE share over ranks (`WorkerContext.mean_over_ranks`) before calling `update`, so rank 0's
@@ -35,7 +38,8 @@ def _fmt_eta(seconds: float) -> str:
 
 class Progress:
     def __init__(self, name: str, total_steps: int, local_batch: int, world_size: int = 1,
-                 rank: int = 0, log_every: int = 10, tb_dir: str | None = None):
+                 rank: int = 0, log_every: int = 10, tb_dir: str | None = None,
+                 trackers: list | None = None):
         self.name, self.total = name, total_steps
         self.local_batch, self.world_size, self.rank = local_batch, world_size, rank
         self.log_every = max(1, log_every)
@@ -43,6 +47,7 @@ class Progress:
         self.step_last = 0
         self.history: list[dict] = []
         self.writer = None
+        self.trackers = list(trackers or []) if rank == 0 else []
         if tb_dir and rank == 0:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -74,12 +79,17 @@ class Progress:
             print(f"[{self.name}] step {step}/{self.total} loss {loss:.4f} {terms} | "
                   f"{global_sps:.1f} samples/s ({worker_sps:.1f}/worker x{self.world_size}) | "
                   f"ETA {_fmt_eta(eta)}", file=sys.stderr, flush=True)
+            scalars = {f"{self.name}/{k}": v for k, v in rec.items() if k != "step"}
             if self.writer is not None:
-                for k, v in rec.items():
-                    if k != "step":
-                        self.writer.add_scalar(f"{self.name}/{k}", v, step)
+                for k, v in scalars.items():
+                    self.writer.add_scalar(k, v, step)
+            for tracker in self.trackers:
+                tracker.log(scalars, step)
         return rec
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []

@@ -35,6 +35,7 @@ from xbt_dist.train.model import XBTModel, resolve_method
 from xbt_dist.train.precision import forward_autocast, fp32_unit, resolve_precision
 from xbt_dist.train.progress import mean_rate, peak_rss_mb
 from xbt_dist.train.stage1 import PHI_FILE, load_phi
+from xbt_dist.train.tracking import open_trackers
 
 ADAPTERS_FILE = "adapters.pt"
 
@@ -158,7 +159,8 @@ def run_stage2(cfg: RunConfig, ctx: WorkerContext | None = None, resume: bool = 
                      step_fn=step_fn, total_steps=total_steps, global_batch=tc.batch_size,
                      stage_dir=stage_dir, checkpoint_every=tc.checkpoint_every,
                      log_every=tc.log_every, resume=resume,
-                     tb_dir=f"{stage_dir}/tb")
+                     tb_dir=f"{stage_dir}/tb",
+                     trackers=open_trackers(cfg, "train", stage_dir, ctx.rank, resume))
     wall = time.perf_counter() - t0
     # Each rank skipped its own bad samples and has its own memory peak: report the cluster's.
     per_rank = ctx.gather({"skipped": dict(stream.skipped), "peak_rss_mb": peak_rss_mb()})
