@@ -181,14 +181,27 @@ def quiet_print_patch() -> None:
     in the console, in `ray job logs` and in SLURM logs. Ray Train copies this variable from the
     driver to its controller and workers at `fit()`, so setting it here covers a local Ray, an
     attached cluster and a Ray job alike. A user who sets it to 1 gets Ray's behaviour back.
-    With the patch on, the job logs also carried Ray Train's INFO line per metrics report
-    ("Reporting training result N: ..."); with it off they do not (tests/test_ray_jobs.py).
     """
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 
+def _quiet_report_log() -> None:
+    """Ray Train 2.60 logs "Reporting training result N: TrainingReport(...)" at INFO on every
+    report through a logger named by its *file path*, outside `ray.train`, so our
+    LoggingConfig(log_level="WARNING") misses it and the root logger Ray configures at INFO
+    prints it. Raise that one logger to WARNING (a no-op on Ray versions without the module)."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def _worker_entry(config: dict) -> None:
     """Runs on every Ray Train worker."""
+    _quiet_report_log()
     for k, v in config["env"].items():
         os.environ[k] = v
     # Ray Train starts workers in its own session directory; configs hold paths relative to where
