@@ -144,7 +144,8 @@ def format_card(card: dict) -> str:
                   f"- negative flip rate @1: {ix['negative_flip_rate@1']}"]
     if "backfill" in card:
         b = card["backfill"]
-        lines += ["\n## Partial backfill\n", f"- AUC per policy: {b['auc']}",
+        auc = "; ".join(f"{p}: " + ", ".join(f"{k} {v:.3f}" for k, v in a.items()) for p, a in b["auc"].items())
+        lines += ["\n## Partial backfill\n", f"- AUC per policy (scores merged by `{b.get('merge', 'raw')}`): {auc}",
                   f"- priced for {b['priced_items']:,} items at {b['throughput']['items_per_s']:.1f} items/s "
                   f"({b['throughput']['device']}): 100% = {b['cost'][-1]['device_hours']:.3g} device-hours"]
     lines += ["\n## Rollback\n", card["rollback"], ""]
