@@ -77,13 +77,13 @@ def _standardise(s: np.ndarray, ref: np.ndarray) -> np.ndarray:
     return (s - ref.mean(axis=1, keepdims=True)) / np.maximum(ref.std(axis=1, keepdims=True), 1e-6)
 
 
-def mixed_recall(q_xbt: np.ndarray, q_new: np.ndarray, g_old: np.ndarray, g_new: np.ndarray,
-                 positive: np.ndarray, backfilled: np.ndarray, ks, merge: str = "zscore",
-                 reference: np.ndarray | None = None) -> dict[str, float]:
-    """Recall@K of queries against a gallery whose `backfilled` rows hold new embeddings.
+def space_scores(q_xbt: np.ndarray, q_new: np.ndarray, g_old: np.ndarray, g_new: np.ndarray,
+                 merge: str = "zscore", reference: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(XBT query vs old rows, new query vs new rows) scores, on the scale `merge` puts them.
 
-    Exact scores (the gallery of an eval set is small); ties count against the query. `merge`
-    as in the module docstring; `reference`: the calibration rows (default `reference_rows`).
+    They do not depend on the budget or the ordering, so a curve computes them once. `merge` as
+    in the module docstring; `reference`: the calibration rows (default `reference_rows`).
     """
     if merge not in MERGES:
         raise ValueError(f"unknown backfill merge {merge!r}: expected one of {MERGES}")
@@ -92,6 +92,16 @@ def mixed_recall(q_xbt: np.ndarray, q_new: np.ndarray, g_old: np.ndarray, g_new:
     if merge == "zscore":
         ref = reference_rows(len(g_old)) if reference is None else reference
         s_old, s_new = _standardise(s_old, s_old[:, ref]), _standardise(s_new, s_new[:, ref])
+    return s_old, s_new
+
+
+def mixed_recall(s_old: np.ndarray, s_new: np.ndarray, positive: np.ndarray, backfilled: np.ndarray,
+                 ks) -> dict[str, float]:
+    """Recall@K of queries against a gallery whose `backfilled` rows hold new embeddings.
+
+    Exact scores from `space_scores` (the gallery of an eval set is small); ties count against
+    the query.
+    """
     s = np.where(backfilled[None, :], s_new, s_old)
     pos_score = s[np.arange(len(positive)), positive]
     s[np.arange(len(positive)), positive] = -np.inf
@@ -112,6 +122,14 @@ def backfill_curves(queries: dict, old: dict, new: dict, keys: np.ndarray, budge
     """
     row = {k: i for i, k in enumerate(keys.tolist())}
     reference = reference_rows(len(keys), seed)
+    directions = {}
+    for d, q_mod, g_mod, qkeys in (("t2i", "text", "image", queries["caption_keys"]),
+                                    ("i2t", "image", "text", queries["image_keys"])):
+        keep = np.array([k in row for k in qkeys])
+        pos = np.array([row[k] for k in np.asarray(qkeys)[keep]])
+        scores = space_scores(queries["xbt"][q_mod][keep], queries["new"][q_mod][keep],
+                              old[g_mod], new[g_mod], merge, reference)
+        directions[d] = (scores, pos)
     out = {}
     for policy in policies:
         order = order_items(policy, old, seed)
@@ -119,13 +137,8 @@ def backfill_curves(queries: dict, old: dict, new: dict, keys: np.ndarray, budge
         for b in budgets:
             mask = np.zeros(len(keys), bool)
             mask[order[: int(round(b * len(keys)))]] = True
-            for d, q_mod, g_mod, qkeys in (("t2i", "text", "image", queries["caption_keys"]),
-                                            ("i2t", "image", "text", queries["image_keys"])):
-                keep = np.array([k in row for k in qkeys])
-                pos = np.array([row[k] for k in np.asarray(qkeys)[keep]])
-                r = mixed_recall(queries["xbt"][q_mod][keep], queries["new"][q_mod][keep],
-                                 old[g_mod], new[g_mod], pos, mask, ks, merge, reference)
-                curves[d].append({"budget": float(b), **r})
+            for d, ((s_old, s_new), pos) in directions.items():
+                curves[d].append({"budget": float(b), **mixed_recall(s_old, s_new, pos, mask, ks)})
         out[policy] = {**curves, "auc": {f"{d} R@{k}": auc(list(budgets), [p[f"R@{k}"] for p in curves[d]])
                                          for d in curves for k in ks}}
     return out
