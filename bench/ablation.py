@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from bench.common import link_stage1_phi
 from xbt_dist.config import RunConfig
 from xbt_dist.eval.ablation import ablation_table
 from xbt_dist.eval.compat import verdict
@@ -78,10 +79,7 @@ def _variant_dirs(cfg: RunConfig, base: RunConfig, name: str) -> RunConfig:
     cfg = copy.deepcopy(cfg)
     slug = "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
     cfg.out_dir = f"{base.out_dir}/variants/{slug}"
-    phi_link = Path(cfg.out_dir) / "phi"
-    phi_link.parent.mkdir(parents=True, exist_ok=True)
-    if not phi_link.exists():
-        os.symlink(Path(base.stage_dir("phi")).resolve(), phi_link)
+    link_stage1_phi(cfg.out_dir, base.stage_dir("phi"))
     return cfg
 
 

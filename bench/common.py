@@ -213,3 +213,12 @@ def timed_rate(fn: Callable[[int], object], warmup: int, steps: int, batch: int,
     sync()
     return {"wall": steps * batch / max(time.perf_counter() - w, 1e-9),
             "cpu": steps * batch / max(time.process_time() - c, 1e-9)}
+
+
+def link_stage1_phi(out_dir: str, phi_dir: str) -> None:
+    """A variant trains in its own run dir `out_dir` but reads the shared stage-1 phi: make
+    `out_dir/phi` a link to `phi_dir` (kept if it is already there)."""
+    link = Path(out_dir) / "phi"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not link.exists():
+        os.symlink(Path(phi_dir).resolve(), link)

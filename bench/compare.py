@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import setup_torch
+from bench.common import link_stage1_phi, setup_torch
 from xbt_dist.config import RunConfig
 from xbt_dist.eval import baselines as B
 from xbt_dist.eval import stats
@@ -76,10 +75,7 @@ def method_config(cfg: RunConfig, method: str) -> RunConfig:
     from xbt_dist.config import apply_overrides, from_dict, to_dict
     c = from_dict(RunConfig, apply_overrides(to_dict(cfg), TRAINED.get(method, [f"train.method={method}"])))
     c.out_dir = f"{cfg.out_dir}/methods/{method}"
-    link = Path(c.out_dir) / "phi"
-    link.parent.mkdir(parents=True, exist_ok=True)
-    if not link.exists():
-        os.symlink(Path(cfg.stage_dir("phi")).resolve(), link)
+    link_stage1_phi(c.out_dir, cfg.stage_dir("phi"))
     return c
 
 
