@@ -263,13 +263,10 @@ fi
 # ---- cleanup: runs on every exit path (success, failure, signal) -------------------------
 RAY_PIDS=()
 STAGE_PID=
-cleanup() {
-  local rc=$?
-  trap - EXIT
-  set +e
-  # Stop the Ray steps with SIGKILL through SLURM: their processes block SIGTERM, and slurmd
-  # reaches every process of a step (raylet, workers), wherever it runs. `ray stop` is NOT
-  # used: it kills every Ray process of this user on the node, including other jobs' clusters.
+# Stop the Ray steps with SIGKILL through SLURM: their processes block SIGTERM, and slurmd
+# reaches every process of a step (raylet, workers), wherever it runs. `ray stop` is NOT
+# used: it kills every Ray process of this user on the node, including other jobs' clusters.
+stop_ray_steps() {
   if [[ ${#RAY_PIDS[@]} -gt 0 ]]; then
     for f in "$STEP_DIR"/*; do
       [[ -s $f ]] && scancel --signal=KILL "$SLURM_JOB_ID.$(cat "$f")" 2>/dev/null
@@ -280,6 +277,13 @@ cleanup() {
     done
     kill -KILL "${RAY_PIDS[@]}" 2>/dev/null
   fi
+  RAY_PIDS=()
+}
+cleanup() {
+  local rc=$?
+  trap - EXIT
+  set +e
+  stop_ray_steps
   # Keep the head's Ray logs with the job's logs; drop the sockets and object spill files.
   if [[ -d $RAY_TMP/session_latest/logs ]]; then
     mkdir -p "$LOG_DIR/ray-logs"
@@ -395,6 +399,9 @@ if [[ -n $GOT_SIGNAL && $GOT_SIGNAL != INT && $RC -ne 0 && ${XBT_SELF_REQUEUE:-1
   STATE=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | grep -o 'JobState=[A-Z_]*' | cut -d= -f2 || true)
   if [[ $GOT_SIGNAL == USR1 || $STATE == RUNNING ]]; then
     echo "ray_on_slurm.sh: requeueing job $SLURM_JOB_ID (after SIG$GOT_SIGNAL, state ${STATE:-?})" | tee -a "$LOG_DIR/job.txt"
+    # Ray first: its steps block SIGTERM, so a requeue with them still up would wait KillWait
+    # seconds for SLURM's SIGKILL before the job could go back to the queue.
+    stop_ray_steps || true   # (errexit off inside: a step already gone is fine)
     scontrol requeue "$SLURM_JOB_ID"
   else
     echo "ray_on_slurm.sh: job $SLURM_JOB_ID is ${STATE:-gone}: SLURM decides whether it requeues" | tee -a "$LOG_DIR/job.txt"

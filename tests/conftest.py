@@ -27,6 +27,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Train's controller actor is cancelled before it starts. Every Ray the tests start is a
 # throwaway on 127.0.0.1, so the whole session runs without token auth.
 os.environ["RAY_AUTH_MODE"] = "disabled"
+# DeepSpeed JIT-builds its CPU comm op (~75 CPU-s) into TORCH_EXTENSIONS_DIR, keyed by name, not
+# by the DeepSpeed install it was built from: checkouts with their own venvs sharing ~/.cache would
+# rebuild it for each other. One directory per venv: every test, Ray worker and SLURM job of this
+# session (they inherit the environment) builds it at most once.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 torch.set_num_threads(2)
 
 TINY_OLD = {"embed_dim": 16, "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},

@@ -129,12 +129,13 @@ def test_scancel_term_of_xbt_train_on_ray_checkpoints_requeues_and_resumes(toy_p
     cluster. No periodic checkpoints (checkpoint_every=0), so the only checkpoint the resumed run
     can find is the one the Ray workers wrote on the signal; the job requeues itself, the second
     run resumes from that step and finishes with adapters and the eval report."""
-    steps = 400
+    # Enough that the first run is still training when the TERM lands (it stops within ~30
+    # steps of step 2 here), few enough that the resumed run is short.
+    steps = 150
     config = _config(toy_prepared, tmp_path / "run", max_steps=steps, checkpoint_every=0, log_every=2)
     # Shared dev machines: Ray's memory monitor kills actors when *other* processes fill the
-    # node, and DeepSpeed's CPU comm op is JIT-built under one lock that every checkout rebuilds
-    # with its own paths; a private build dir is built once and reused by the requeued run.
-    env = _env(tmp_path, RAY_memory_monitor_refresh_ms="0", TORCH_EXTENSIONS_DIR="/tmp/xbt-slurm-torch-ext")
+    # node. (DeepSpeed's CPU comm op is built once per venv: TORCH_EXTENSIONS_DIR, conftest.py.)
+    env = _env(tmp_path, RAY_memory_monitor_refresh_ms="0")
     proc = _sbatch(tmp_path, config, env)
     assert proc.returncode == 0, proc.stderr
     job_id = proc.stdout.strip().split(";")[0]
