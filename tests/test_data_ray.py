@@ -17,7 +17,6 @@ from xbt_dist.config import DistConfig, RunConfig
 from xbt_dist.data.cursor import epoch_order, slot_shards
 from xbt_dist.data.stream import DataBudgetExceeded
 from xbt_testing.synthetic import write_image_text_shards
-import xbt_testing.distributed as T
 from xbt_dist.dist.ray_runner import run_on_ray
 
 pytestmark = pytest.mark.timeout(900)

@@ -17,7 +17,6 @@ import pytest
 from conftest import local_ray_cluster
 import torch
 
-import xbt_testing.distributed as T
 from xbt_dist.dist.ray_runner import run_on_ray
 pytestmark = pytest.mark.timeout(1500)
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from xbt_dist import storage
 from xbt_dist.artifacts import write_manifest
 from xbt_dist.config import RunConfig, to_dict
-from xbt_dist.data.shards import list_shards, shard_sizes
+from xbt_dist.data.shards import shard_sizes
 from xbt_dist.data.stream import SampleStream
 from xbt_dist.losses import xbt_loss
 from xbt_dist.models.adapters import AdaptedCLIP
