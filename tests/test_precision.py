@@ -50,7 +50,7 @@ def test_precision_config_is_validated():
 
 @pytest.mark.parametrize("on_gpu", [False, True])
 def test_deepspeed_never_casts_the_weights(on_gpu):
-    from xbt_dist.dist.deepspeed_backend import build_ds_config
+    from xbt_dist.distributed.deepspeed_backend import build_ds_config
 
     # the shipped ZeRO JSONs turn DeepSpeed's bf16 on; dist.precision (autocast) replaces it
     shipped = DistConfig(deepspeed_config=str(REPO / "cluster/deepspeed/zero2.json"), precision="bf16")
@@ -71,7 +71,7 @@ OPTIM = OptimConfig(lr=1e-3, warmup_steps=1, grad_clip=1.0, weight_decay=0.01)
 
 
 def _bf16_engine_worker(rank, world_size, out_dir, stages):
-    from xbt_dist.dist.deepspeed_backend import make_deepspeed_backend
+    from xbt_dist.distributed.deepspeed_backend import make_deepspeed_backend
     from xbt_dist.losses import xbt_loss
     from xbt_dist.train.precision import fp32_unit
 

@@ -90,7 +90,7 @@ def test_torch_backend_resumes_into_a_fresh_backend_bit_identically(tmp_path):
 def _zero_worker(rank, world_size, out_dir, stage, phase):
     """phase "save": 3 steps, save the state, 3 more steps; phase "fresh": a NEW process group and
     engine (as after a Ray restart) loads the saved state and takes the same 3 steps."""
-    from xbt_dist.dist.deepspeed_backend import make_deepspeed_backend
+    from xbt_dist.distributed.deepspeed_backend import make_deepspeed_backend
 
     ds_json = f"{out_dir}/zero{stage}.json"
     make = make_deepspeed_backend(DistConfig(deepspeed_config=ds_json), world_size, on_gpu=False)

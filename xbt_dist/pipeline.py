@@ -24,7 +24,7 @@ CONFIG_DIR = RECIPE_DIR  # the shipped recipes (package data); old name kept for
 def run_stage(stage_fn: Callable, cfg: RunConfig, resume: bool = False):
     """Run `stage_fn(cfg, ctx, resume)` here (dist.backend=local) or on Ray workers (ray)."""
     if cfg.dist.backend == "ray":
-        from xbt_dist.dist.ray_runner import run_on_ray  # Ray/DeepSpeed only when asked for
+        from xbt_dist.distributed.ray_runner import run_on_ray  # Ray/DeepSpeed only when asked for
         return run_on_ray(stage_fn, cfg, resume=resume)
     return stage_fn(cfg, None, resume)
 
@@ -45,7 +45,7 @@ def embed_for_config(cfg: RunConfig, batch_size: int = 256) -> dict:
         raise ValueError("nothing to embed: set stage1.text_shards + stage1.embeddings and/or "
                          "train.train_shards + train.targets")
     if cfg.dist.backend == "ray":
-        from xbt_dist.dist.embed_job import embed_on_ray
+        from xbt_dist.distributed.embed_job import embed_on_ray
         return {out: embed_on_ray(src, out, {"old": cfg.old, "new": cfg.new}, fields, batch_size, cfg.dist)
                 for src, out, fields in jobs}
     from xbt_dist.data.embed import embed_shards
