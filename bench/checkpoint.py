@@ -37,7 +37,7 @@ def _du(path: Path) -> int:
 
 def _engine(recipe: str):
     from xbt_dist.config import DistConfig, load_config
-    from xbt_dist.dist.deepspeed_backend import make_deepspeed_backend
+    from xbt_dist.distributed.deepspeed_backend import make_deepspeed_backend
     from xbt_dist.models.clip import load_clip
     from xbt_dist.train.model import resolve_method
     from xbt_dist.train.stage2 import build_model

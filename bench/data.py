@@ -90,7 +90,7 @@ def bench_data(out: str | Path, repeats: int = 3, samples: int = 1024, batch: in
         rows.append(row("data", name, "samples/s", m["median"], "samples/s",
                         min=m["min"], max=m["max"], n=m["n"]))
     train = _training_rate(out)
-    loader = median_of(results[f"SampleStream decode+preprocess+tokenize +targets join, workers=1"])["median"]
+    loader = median_of(results["SampleStream decode+preprocess+tokenize +targets join, workers=1"])["median"]
     if train["samples_per_s"]:
         rows.append(row("data", "toy/xbt training config (targets join, workers=1)",
                         "loader / training samples/s", loader / train["samples_per_s"], "x (target >= 3)"))

@@ -93,7 +93,6 @@ def tower_flops(arch: str) -> dict:
     with torch.no_grad():
         img = count_flops(lambda: model.encode_image(torch.zeros(1, 3, size, size)))
         txt = count_flops(lambda: model.encode_text(torch.zeros(1, model.context_length, dtype=torch.long)))
-    del model
     return {"image": img, "text": txt}
 
 

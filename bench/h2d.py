@@ -18,8 +18,6 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
-
 from bench.common import median_of, row, setup_torch, write_result
 from bench.world import get_world, random_targets
 from xbt_dist.data.stream import SampleStream

@@ -18,7 +18,7 @@
 # (SLURM_GPUS_ON_NODE) with explicit --num-cpus/--num-gpus, and its srun step asks for them with
 # --cpus-per-task (not inherited by srun since SLURM 22.05: without it the step, and every Ray
 # worker in it, may be bound to one CPU) and --gres=gpu:G. Before Ray starts, the placement check
-# (python -m xbt_dist.dist.placement) compares workers x (cpus_per_worker, gpus_per_worker) with
+# (python -m xbt_dist.distributed.placement) compares workers x (cpus_per_worker, gpus_per_worker) with
 # the allocation and fails with the numbers and the fix.
 #
 # Signals. SIGTERM (scancel, scontrol requeue, preemption, the time limit) reaches every process
@@ -241,7 +241,7 @@ fi
 PLACEMENT_RC=0
 if [[ -z ${XBT_CMD:-} && ${XBT_PLACEMENT_CHECK:-fail} != off ]] && [[ $STAGE == train || $STAGE == pretrain-phi ]]; then
   set +e
-  python -m xbt_dist.dist.placement --node-cpus "$CPUS_SPEC" --gpus-per-node "$GPUS_PER_NODE" \
+  python -m xbt_dist.distributed.placement --node-cpus "$CPUS_SPEC" --gpus-per-node "$GPUS_PER_NODE" \
     --node-names "${NODES[*]}" "${ARGS[@]}" "$@" 2>&1 \
     | { if [[ $DRY_RUN == 1 ]]; then sed 's/^/plan: /'; else tee -a "$LOG_DIR/job.txt"; fi; }
   PLACEMENT_RC=${PIPESTATUS[0]}

@@ -1,6 +1,6 @@
 """Bad data on Ray Train: a shard deleted mid-run on 2 Ray workers is skipped and
 counted and the run finishes; past data.max_bad_fraction the job stops with the file named after
-ONE restart, however many `dist.max_failures` allow (no crash-loop: dist/ray_runner.py)."""
+ONE restart, however many `dist.max_failures` allow (no crash-loop: distributed/ray_runner.py)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,7 @@ from xbt_dist.config import DistConfig, RunConfig
 from xbt_dist.data.cursor import epoch_order, slot_shards
 from xbt_dist.data.stream import DataBudgetExceeded
 from xbt_testing.synthetic import write_image_text_shards
-import xbt_testing.distributed as T
-from xbt_dist.dist.ray_runner import run_on_ray
+from xbt_dist.distributed.ray_runner import run_on_ray
 
 pytestmark = pytest.mark.timeout(900)
 # Ray workers cannot import this test module: ship the stage function by value (Ray's own cloudpickle).

@@ -51,7 +51,7 @@ OPTIM = OptimConfig(lr=1e-3, warmup_steps=1, grad_clip=1.0, weight_decay=0.01)
 
 
 def _zero_worker(rank, world_size, out_dir, stages):
-    from xbt_dist.dist.deepspeed_backend import make_deepspeed_backend
+    from xbt_dist.distributed.deepspeed_backend import make_deepspeed_backend
 
     for stage in stages:
         make = make_deepspeed_backend(DistConfig(zero_stage=stage), world_size, on_gpu=False)
@@ -89,7 +89,7 @@ def test_deepspeed_zero2_zero3_match_single_process_on_xbt_model(tmp_path):
 
 
 def test_ray_reports_are_throttled_and_agreed_by_all_ranks():
-    from xbt_dist.dist.ray_runner import ReportThrottle
+    from xbt_dist.distributed.ray_runner import ReportThrottle
 
     now = [0.0]
     votes = []

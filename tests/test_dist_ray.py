@@ -29,7 +29,7 @@ import torch
 
 from xbt_dist.config import DistConfig, OptimConfig, RunConfig, Stage1Config, TrainConfig
 import xbt_testing.distributed as T
-from xbt_dist.dist.ray_runner import run_on_ray
+from xbt_dist.distributed.ray_runner import run_on_ray
 
 pytestmark = pytest.mark.timeout(1200)
 
@@ -153,7 +153,7 @@ def test_fault_recovery_stage2_resumes_bit_identical(cluster, tiny, tmp_path, mo
 def test_embed_on_ray_matches_single_process_and_resumes(cluster, tiny, tmp_path):
     from xbt_dist.data.embed import embed_shards
     from xbt_dist.data.embeddings import EmbeddingShardSet
-    from xbt_dist.dist.embed_job import embed_on_ray
+    from xbt_dist.distributed.embed_job import embed_on_ray
 
     enc = {"text_old": T.text_encoder_old, "text_new": T.text_encoder_new}
     fields = ["text_old", "text_new"]

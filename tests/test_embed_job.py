@@ -11,7 +11,7 @@ from xbt_dist.data.embed import embed_shards
 from xbt_dist.data.embeddings import EmbeddingShardSet
 from xbt_testing.synthetic import write_text_shards
 import xbt_testing.distributed as T
-from xbt_dist.dist.embed_job import FAULT_ENV, embed_on_ray, task_groups
+from xbt_dist.distributed.embed_job import FAULT_ENV, embed_on_ray, task_groups
 
 pytestmark = pytest.mark.timeout(900)
 ENC = {"text_old": T.text_encoder_old, "text_new": T.text_encoder_new}

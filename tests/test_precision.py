@@ -50,7 +50,7 @@ def test_precision_config_is_validated():
 
 @pytest.mark.parametrize("on_gpu", [False, True])
 def test_deepspeed_never_casts_the_weights(on_gpu):
-    from xbt_dist.dist.deepspeed_backend import build_ds_config
+    from xbt_dist.distributed.deepspeed_backend import build_ds_config
 
     # the shipped ZeRO JSONs turn DeepSpeed's bf16 on; dist.precision (autocast) replaces it
     shipped = DistConfig(deepspeed_config=str(REPO / "cluster/deepspeed/zero2.json"), precision="bf16")
@@ -71,7 +71,7 @@ OPTIM = OptimConfig(lr=1e-3, warmup_steps=1, grad_clip=1.0, weight_decay=0.01)
 
 
 def _bf16_engine_worker(rank, world_size, out_dir, stages):
-    from xbt_dist.dist.deepspeed_backend import make_deepspeed_backend
+    from xbt_dist.distributed.deepspeed_backend import make_deepspeed_backend
     from xbt_dist.losses import xbt_loss
     from xbt_dist.train.precision import fp32_unit
 
@@ -202,7 +202,7 @@ def _mean_loss_worker(rank, world_size, out_dir):
 
     from xbt_dist.train.backend import TorchBackend
     from xbt_dist.train.context import WorkerContext, all_reduce_mean
-    from xbt_dist.train.loop import run_loop
+    from xbt_dist.train.loop import LoopPlan, run_loop
 
     ctx = WorkerContext(rank=rank, world_size=world_size, barrier=dist.barrier,
                         mean_over_ranks=lambda xs: all_reduce_mean(xs, torch.device("cpu"), world_size))
@@ -216,9 +216,9 @@ def _mean_loss_worker(rank, world_size, out_dir):
         local.append(loss.item())
         return loss, {"term": 2 * loss.detach()}
 
-    state = run_loop(name="mean", ctx=ctx, backend=backend, stream=_RankBatches(rank), step_fn=step_fn,
-                     total_steps=4, global_batch=2 * world_size, stage_dir=f"{out_dir}/stage",
-                     log_every=1)
+    plan = LoopPlan(name="mean", total_steps=4, global_batch=2 * world_size, stage_dir=f"{out_dir}/stage",
+                    log_every=1)
+    state = run_loop(plan, ctx, backend, stream=_RankBatches(rank), step_fn=step_fn)
     gathered = [None] * world_size
     dist.all_gather_object(gathered, local)
     if rank == 0:

@@ -17,8 +17,7 @@ import pytest
 from conftest import local_ray_cluster
 import torch
 
-import xbt_testing.distributed as T
-from xbt_dist.dist.ray_runner import run_on_ray
+from xbt_dist.distributed.ray_runner import run_on_ray
 pytestmark = pytest.mark.timeout(1500)
 
 BF16_LOSS_RTOL = 0.03  # as tests/test_precision.py: every logged loss within 3 % of fp32

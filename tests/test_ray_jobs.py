@@ -109,7 +109,7 @@ def test_submit_follow_stop_resume(cluster, tiny, tmp_path):
     logs = _ray_job(cluster, "logs", "xbt-phi").stdout
     lines = _progress_lines(logs, "phi")
     steps = [re.search(r"step (\d+)/", ln).group(1) for ln in lines]
-    assert steps and len(steps) == len(set(steps)), f"progress lines repeated in the job logs:\n" + "\n".join(lines)
+    assert steps and len(steps) == len(set(steps)), "progress lines repeated in the job logs:\n" + "\n".join(lines)
     # dist.report_every_s=0 reports at every log point; Ray Train's INFO line per report stays out
     assert "Reporting training result" not in logs, "Ray Train's per-report INFO line is in the job logs"
 

@@ -90,7 +90,7 @@ def test_torch_backend_resumes_into_a_fresh_backend_bit_identically(tmp_path):
 def _zero_worker(rank, world_size, out_dir, stage, phase):
     """phase "save": 3 steps, save the state, 3 more steps; phase "fresh": a NEW process group and
     engine (as after a Ray restart) loads the saved state and takes the same 3 steps."""
-    from xbt_dist.dist.deepspeed_backend import make_deepspeed_backend
+    from xbt_dist.distributed.deepspeed_backend import make_deepspeed_backend
 
     ds_json = f"{out_dir}/zero{stage}.json"
     make = make_deepspeed_backend(DistConfig(deepspeed_config=ds_json), world_size, on_gpu=False)
@@ -165,3 +165,14 @@ def test_checkpointer_latest_moves_last_on_a_url(monkeypatch, tmp_path):
     names = storage.listdir(f"{root}/checkpoints")
     assert ck.latest() == "step_00000004" and "step_00000001" not in names
     assert not list(tmp_path.iterdir()), "a URL out_dir created local files"
+
+
+def test_loop_plan_names_a_period_the_loop_cannot_run_with():
+    """A log period of 0 would reach the loop as a ZeroDivisionError at step 1; the plan names the field."""
+    from xbt_dist.train.loop import LoopPlan
+
+    LoopPlan(name="phi", total_steps=4, global_batch=8, stage_dir="/unused", log_every=1)
+    with pytest.raises(ValueError, match=r"LoopPlan\('phi'\)\.log_every=0"):
+        LoopPlan(name="phi", total_steps=4, global_batch=8, stage_dir="/unused", log_every=0)
+    with pytest.raises(ValueError, match=r"checkpoint_every=-1"):
+        LoopPlan(name="phi", total_steps=4, global_batch=8, stage_dir="/unused", checkpoint_every=-1)

@@ -90,7 +90,7 @@ def test_s3_out_dir_two_nodes_kill_resume_every_artifact(s3_cluster, tiny, tmp_p
 
     from test_dist_ray import _assert_bit_identical, _text_embeddings
     from xbt_dist import storage
-    from xbt_dist.dist.ray_runner import run_on_ray
+    from xbt_dist.distributed.ray_runner import run_on_ray
     from xbt_dist.train.stage1 import run_stage1
     from xbt_dist.train.stage2 import run_stage2
 

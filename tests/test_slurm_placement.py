@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from xbt_dist.config import DistConfig, load_config
-from xbt_dist.dist.placement import (NodeCapacity, PlacementError, allocation_nodes, check_placement,
+from xbt_dist.distributed.placement import (NodeCapacity, PlacementError, allocation_nodes, check_placement,
                                      check_ray_cluster, parse_node_cpus, placement_problems)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,7 +85,7 @@ def small_ray():
 @pytest.mark.timeout(120)
 def test_run_on_ray_fails_fast_on_attached_cluster(small_ray, tmp_path, monkeypatch, capsys):
     """An attached 2-CPU cluster, 3 workers x 1 CPU: run_on_ray raises before any worker starts."""
-    from xbt_dist.dist.ray_runner import run_on_ray
+    from xbt_dist.distributed.ray_runner import run_on_ray
     from xbt_testing.distributed import node_probe_stage
 
     cfg = load_config(None, [f"out_dir={tmp_path}", "dist.backend=ray", "dist.workers=3"])

@@ -1,6 +1,5 @@
 """The streaming tar reader agrees with `tarfile` on every format shards come in, and fails like it."""
 
-import gzip
 import io
 import tarfile
 

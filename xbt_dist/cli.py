@@ -23,7 +23,7 @@ import json
 import os
 import sys
 
-from xbt_dist.config import ConfigError, load_config
+from xbt_dist.config import ConfigError, RunConfig, load_config, with_fields
 
 
 def _stage_args(p: argparse.ArgumentParser, resume: bool = True) -> None:
@@ -38,20 +38,23 @@ def _stage_args(p: argparse.ArgumentParser, resume: bool = True) -> None:
         p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
 
 
-def _load(args) -> "RunConfig":  # noqa: F821
-    overrides = list(args.set)
-    if args.workers is not None:
-        overrides.append(f"dist.workers={args.workers}")
-    if args.use_gpu:
-        overrides.append("dist.use_gpu=true")
-    if args.zero_stage is not None:
-        overrides.append(f"dist.zero_stage={args.zero_stage}")
+def _flag_fields(args) -> dict:
+    """The distribution flags the user gave, as typed config fields (`dist.workers`: 2, ...)."""
     address = args.ray_address or os.environ.get("XBT_RAY_ADDRESS")
-    if address:
-        overrides.append(f"dist.ray_address={address}")
-    cfg = load_config(args.config, overrides)
-    if cfg.dist.workers > 1 or cfg.dist.ray_address or cfg.dist.use_gpu:
-        cfg.dist.backend = "ray"
+    given = {"dist.workers": args.workers, "dist.use_gpu": True if args.use_gpu else None,
+             "dist.zero_stage": args.zero_stage, "dist.ray_address": address or None}
+    return {key: value for key, value in given.items() if value is not None}
+
+
+def _load(args, **fields) -> RunConfig:
+    """The recipe with `--set`, then the flags (and a command's own `fields`), all validated.
+
+    More than one worker, a Ray address or GPUs (from a flag or the recipe) run on Ray.
+    """
+    cfg = load_config(args.config, args.set)
+    cfg = with_fields(cfg, {**_flag_fields(args), **fields})
+    if cfg.dist.backend != "ray" and (cfg.dist.workers > 1 or cfg.dist.ray_address or cfg.dist.use_gpu):
+        cfg = with_fields(cfg, {"dist.backend": "ray"})
     return cfg
 
 
@@ -108,12 +111,10 @@ def cmd_toy(args) -> int:
 
 def cmd_demo(args) -> int:
     from xbt_dist.pipeline import run_demo
-    overrides = list(args.set)
-    if args.workers:
-        overrides += [f"dist.workers={args.workers}", "dist.backend=ray"]
+    fields = {"dist.workers": args.workers, "dist.backend": "ray"} if args.workers else {}
     if args.zero_stage is not None:
-        overrides.append(f"dist.zero_stage={args.zero_stage}")
-    res = run_demo(args.out, args.seed, overrides, args.config, quick=args.quick)
+        fields["dist.zero_stage"] = args.zero_stage
+    res = run_demo(args.out, args.seed, args.set, args.config, quick=args.quick, fields=fields)
     print(open(res["paths"]["report_md"]).read())
     v = res["compat"]["verdict"]
     print(f"[demo] backward compatible: {v['compatible']} | timings (s): {res['timings_s']}")

@@ -527,6 +527,20 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
     return data
 
 
+
+def with_fields(cfg: RunConfig, values: dict[str, Any]) -> RunConfig:
+    """A new RunConfig with typed `section.key` values set, validated as a recipe's are.
+
+    For values that are already typed (command-line flags, paths a pipeline fills in): they are
+    not turned into `--set` strings and re-parsed as YAML (which would read an address such as
+    `[::1]:6379` as a list), and a bad one fails with the same ConfigError a bad `--set` gets,
+    instead of being assigned past the checks. `cfg` itself is left as it was.
+    """
+    data = to_dict(cfg)
+    for key, value in values.items():
+        _set_dotted(data, key, value)
+    return from_dict(RunConfig, data)
+
 # The shipped recipes, package data (in a checkout a symlink to the repository's configs/).
 RECIPE_DIR = Path(__file__).resolve().parent / "configs"
 

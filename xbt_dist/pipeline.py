@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from xbt_dist.artifacts import atomic_write_text, config_digest
-from xbt_dist.config import RECIPE_DIR, ModelRef, RunConfig, dump_config, load_config, to_dict
+from xbt_dist.config import RECIPE_DIR, ModelRef, RunConfig, dump_config, load_config, to_dict, with_fields
 
 CONFIG_DIR = RECIPE_DIR  # the shipped recipes (package data); old name kept for bench/
 
@@ -24,7 +24,7 @@ CONFIG_DIR = RECIPE_DIR  # the shipped recipes (package data); old name kept for
 def run_stage(stage_fn: Callable, cfg: RunConfig, resume: bool = False):
     """Run `stage_fn(cfg, ctx, resume)` here (dist.backend=local) or on Ray workers (ray)."""
     if cfg.dist.backend == "ray":
-        from xbt_dist.dist.ray_runner import run_on_ray  # Ray/DeepSpeed only when asked for
+        from xbt_dist.distributed.ray_runner import run_on_ray  # Ray/DeepSpeed only when asked for
         return run_on_ray(stage_fn, cfg, resume=resume)
     return stage_fn(cfg, None, resume)
 
@@ -45,7 +45,7 @@ def embed_for_config(cfg: RunConfig, batch_size: int = 256) -> dict:
         raise ValueError("nothing to embed: set stage1.text_shards + stage1.embeddings and/or "
                          "train.train_shards + train.targets")
     if cfg.dist.backend == "ray":
-        from xbt_dist.dist.embed_job import embed_on_ray
+        from xbt_dist.distributed.embed_job import embed_on_ray
         return {out: embed_on_ray(src, out, {"old": cfg.old, "new": cfg.new}, fields, batch_size, cfg.dist)
                 for src, out, fields in jobs}
     from xbt_dist.data.embed import embed_shards
@@ -66,25 +66,24 @@ def _mark(step_dir: Path, key: dict) -> None:
 
 
 def toy_run_config(world: dict, out: Path, recipe: str | Path | None = None,
-                   overrides: list[str] | None = None) -> RunConfig:
-    """The toy recipe with the toy world's paths filled in."""
+                   overrides: list[str] | None = None, fields: dict | None = None) -> RunConfig:
+    """The toy recipe with the toy world's paths filled in (and typed `fields`, e.g. CLI flags)."""
     cfg = load_config(recipe or CONFIG_DIR / "toy.yaml", overrides)
-    cfg.out_dir = str(out / "run")
-    cfg.old = ModelRef(world["old_arch"], world["old_checkpoint"], world["models_dir"])
-    cfg.new = ModelRef(world["new_arch"], world["new_checkpoint"], world["models_dir"])
-    cfg.stage1.text_shards = world["text"]
-    cfg.stage1.embeddings = str(out / "emb" / "text")
-    cfg.train.train_shards = world["train"]
-    cfg.train.targets = str(out / "emb" / "train")
-    cfg.eval.eval_shards = world["eval"]
-    cfg.eval.val_shards = world.get("val")
-    cfg.eval.zeroshot_shards = world["zeroshot"]
-    return cfg
+    paths = {"out_dir": str(out / "run"),
+             "old": to_dict(ModelRef(world["old_arch"], world["old_checkpoint"], world["models_dir"])),
+             "new": to_dict(ModelRef(world["new_arch"], world["new_checkpoint"], world["models_dir"])),
+             "stage1.text_shards": world["text"], "stage1.embeddings": str(out / "emb" / "text"),
+             "train.train_shards": world["train"], "train.targets": str(out / "emb" / "train"),
+             "eval.eval_shards": world["eval"], "eval.val_shards": world.get("val"),
+             "eval.zeroshot_shards": world["zeroshot"]}
+    return with_fields(cfg, {**paths, **(fields or {})})
 
 
 def run_demo(out: str | Path = "runs/demo", seed: int = 0, overrides: list[str] | None = None,
-             recipe: str | Path | None = None, quick: bool = False) -> dict:
-    """Toy world -> embed -> stage 1 -> stage 2 -> eval; returns the eval result."""
+             recipe: str | Path | None = None, quick: bool = False, fields: dict | None = None) -> dict:
+    """Toy world -> embed -> stage 1 -> stage 2 -> eval; returns the eval result.
+
+    `overrides` are `--set` strings; `fields` typed `section.key` values (the demo's flags)."""
     from xbt_dist.eval.evaluate import run_eval
     from xbt_dist.toy import ToyWorldConfig, build_toy_world
     from xbt_dist.train.stage1 import run_stage1
@@ -98,7 +97,7 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, overrides: list[str] 
                                  per_shard=128, text_per_shard=512, old_epochs=1, new_epochs=1,
                                  batch_size=64)
     world = build_toy_world(out / "toy", toy_cfg)
-    cfg = toy_run_config(world, out, recipe, overrides)
+    cfg = toy_run_config(world, out, recipe, overrides, fields)
     if quick:
         cfg = _quick(cfg)
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
 `embed_shards` is the single-process core: for each input shard `X.tar` it encodes the requested
 fields, L2-normalises them and atomically writes shard `X` (npy layout, see embeddings.py). Shards
 already written with all requested fields are skipped, so an interrupted run just reruns; the
-distributed runner (dist/embed_job.py) calls it on small groups of shards from a task queue and
+distributed runner (distributed/embed_job.py) calls it on small groups of shards from a task queue and
 writes the manifest once the whole set is there.
 
 Throughput: a shard is read through a DataLoader (`decode_workers` processes). Each decode worker

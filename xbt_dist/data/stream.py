@@ -67,7 +67,7 @@ MAX_BAD_FILES = 1000  # files kept by name in bad_files (counts by reason are al
 class DataBudgetExceeded(RuntimeError):
     """More bad or missing data than `data.max_bad_fraction` allows. That is a systematic problem
     (a wrong path, an embedding set of other shards, lost storage) that no restart fixes, so the
-    Ray runner does not restart the job for it (dist/ray_runner.py)."""
+    Ray runner does not restart the job for it (distributed/ray_runner.py)."""
 
 
 def sample_seed(seed: int, epoch: int, shard: str, index: int, visit: int = 0) -> int:

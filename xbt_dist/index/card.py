@@ -140,7 +140,7 @@ def format_card(card: dict) -> str:
         ix = card["index"]
         lines += [f"\n## Index (served: {ix['served_type']})\n",
                   f"- built from old model {describe(ix['old_model'] or {})}; matches run: {ix['matches_run']}",
-                  f"- verdict per index type: " + ", ".join(f"{k}: {v.get('compatible')}" for k, v in ix["verdict"].items()),
+                  "- verdict per index type: " + ", ".join(f"{k}: {v.get('compatible')}" for k, v in ix["verdict"].items()),
                   f"- negative flip rate @1: {ix['negative_flip_rate@1']}"]
     if "backfill" in card:
         b = card["backfill"]

@@ -23,9 +23,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.set_defaults(workers=None, use_gpu=None, zero_stage=None, ray_address=None)
 
 
-def _load(args):
+def _load(args, **fields):
     from xbt_dist.cli import _load as load_stage_config
-    return load_stage_config(args)
+    return load_stage_config(args, **fields)
 
 
 def cmd_index(args) -> int:
@@ -46,12 +46,8 @@ def cmd_index(args) -> int:
 
 def cmd_serve(args) -> int:
     from xbt_dist.serve.app import serve
-    cfg = _load(args)
-    if args.host:
-        cfg.serve.host = args.host
-    if args.port is not None:
-        cfg.serve.port = args.port
-    serve(cfg)
+    flags = {"serve.host": args.host or None, "serve.port": args.port}
+    serve(_load(args, **{key: value for key, value in flags.items() if value is not None}))
     return 0
 
 

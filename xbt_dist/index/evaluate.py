@@ -26,7 +26,7 @@ import numpy as np
 from xbt_dist.artifacts import atomic_write_text, read_manifest
 from xbt_dist.config import RunConfig
 from xbt_dist.data.shards import iter_image_text
-from xbt_dist.index.build import KIND, MODALITIES, index_dir
+from xbt_dist.index.build import KIND, index_dir
 from xbt_dist.index.faiss_index import build_index, load_index, search, to_gpu
 
 CASES = (("old", "old"), ("new", "old"), ("phi", "old"), ("xbt", "old"), ("new", "new"), ("xbt", "xbt"))
@@ -131,7 +131,6 @@ def evaluate_indexes(cfg: RunConfig, encoder=None, queries: dict | None = None) 
     k_max = max(ic.ks)
     q_emb = {v: {"text": encoder.texts(v, queries["captions"]), "image": encoder.images(v, queries["images"])}
              for v in encoder.views}
-    d_old = q_emb["old"]["text"].shape[1] if "old" in q_emb else None
     results, skipped_cases = {}, {}
     hits: dict[tuple, np.ndarray] = {}   # (case, kind, direction) -> per-query hit@1, for flip rates
     for qv, gv in CASES:
@@ -205,7 +204,7 @@ def _verdict(results: dict, kind: str, ks) -> dict:
 def format_markdown(res: dict) -> str:
     ks = res["ks"]
     ann = None
-    lines = [f"# Old-gallery index evaluation\n", f"Queries: {res['n_queries']['t2i']} captions, "
+    lines = ["# Old-gallery index evaluation\n", f"Queries: {res['n_queries']['t2i']} captions, "
              f"{res['n_queries']['i2t']} images from `{res['query_shards']}`.\n",
              "| case | index | " + " | ".join(f"t2i R@{k}" for k in ks) + " | "
              + " | ".join(f"i2t R@{k}" for k in ks) + " | t2i ANN recall | i2t ANN recall | t2i q/s |",

@@ -2,7 +2,7 @@
 
 The training loops only call `backward(loss)`, `step()` and `state_dict()`/`load_state_dict()`,
 so the same loop drives plain PyTorch here (`TorchBackend`: AdamW, warmup + cosine, clipping,
-gradient accumulation) and DeepSpeed engines on Ray workers (`xbt_dist.dist.deepspeed_backend`).
+gradient accumulation) and DeepSpeed engines on Ray workers (`xbt_dist.distributed.deepspeed_backend`).
 """
 
 from __future__ import annotations

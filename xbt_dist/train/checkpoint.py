@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from xbt_dist import storage
-from xbt_dist.storage import is_remote  # noqa: F401  (ray_runner imports it from here)
 
 LATEST = "latest"
 STATE_FILE = "state.pt"

@@ -1,7 +1,7 @@
 """The one training loop both stages share: step, log, checkpoint, stop on request, resume.
 
-A stage provides a `step_fn(batch) -> (loss, parts)`, a backend (plain PyTorch or DeepSpeed), a
-checkpointable data stream and a `trainable_state()` callable; the loop owns the counters. The
+A stage provides a `LoopPlan` (how long, how often, where), a `step_fn(batch) -> (loss, parts)`, a
+backend (plain PyTorch or DeepSpeed) and a checkpointable data stream; the loop owns the counters. The
 step counters, the optimiser and the data position are checkpointed together, so a resumed run
 (Ray FailureConfig restart, SLURM requeue, `--resume`) neither repeats nor skips samples.
 
@@ -17,7 +17,6 @@ import random
 import signal
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
@@ -88,6 +87,31 @@ class StepTimes:
     def summary(self, steps: int) -> str:
         per = {k: 1e3 * v / max(steps, 1) for k, v in self.total.items()}
         return " ".join(f"{k}={v:.2f}" for k, v in per.items()) + f" | total={sum(per.values()):.2f} ms/step"
+
+
+@dataclass(frozen=True)
+class LoopPlan:
+    """What a stage asks of the shared loop: how long it runs, how often it logs and saves, where.
+
+    The runtime objects (worker context, backend, data stream, step function) stay `run_loop`'s
+    own arguments; the plan is plain data a stage builds from its config.
+    """
+
+    name: str                      # the stage's label in progress lines ("phi", "train:xbt")
+    total_steps: int               # optimiser steps to reach; a resumed run continues towards it
+    global_batch: int              # samples per optimiser step over all ranks
+    stage_dir: str                 # checkpoints, the STOP file, TensorBoard (local path or URL)
+    checkpoint_every: int = 0      # save every N steps (0: only at the end and on a stop request)
+    log_every: int = 10            # log point every N steps (loss all-reduce, report, stop vote)
+    resume: bool = False           # restore the latest checkpoint in stage_dir before the first step
+    tb_dir: str | None = None      # TensorBoard dir; dropped when remote (the manifest has the curve)
+    trackers: list = field(default_factory=list)  # opened wandb/mlflow trackers (rank 0), or none
+
+    def __post_init__(self):
+        # Only values the loop cannot run with: a log period of 0 would divide by zero at step 1.
+        for key, least in (("global_batch", 1), ("log_every", 1), ("checkpoint_every", 0)):
+            if getattr(self, key) < least:
+                raise ValueError(f"LoopPlan({self.name!r}).{key}={getattr(self, key)!r}: must be >= {least}")
 
 
 @dataclass
@@ -165,17 +189,16 @@ def resume_from(ckpt: Checkpointer, ctx: WorkerContext, backend, stream, state: 
     return True
 
 
-def run_loop(*, name: str, ctx: WorkerContext, backend, stream, step_fn: Callable,
-             total_steps: int, global_batch: int, stage_dir: str, checkpoint_every: int = 0,
-             log_every: int = 10, resume: bool = False, tb_dir: str | None = None,
-             trackers: list | None = None) -> LoopState:
+def run_loop(plan: LoopPlan, ctx: WorkerContext, backend, stream, step_fn: Callable) -> LoopState:
+    """Train until `plan.total_steps`, saving, logging and honouring stop requests; every rank calls it."""
+    name, stage_dir, total_steps, global_batch = plan.name, plan.stage_dir, plan.total_steps, plan.global_batch
     ckpt = Checkpointer(stage_dir, rank=ctx.rank, world_size=ctx.world_size, barrier=ctx.barrier)
     state = LoopState()
     stop_file = storage.join(stage_dir, STOP_FILE)
     if ctx.is_main and not _signalled:
         storage.remove(stop_file)  # left by the stop that preceded this (resumed) run
     ctx.barrier()
-    if resume:
+    if plan.resume:
         resume_from(ckpt, ctx, backend, stream, state, name)
 
     def save() -> str:
@@ -188,9 +211,11 @@ def run_loop(*, name: str, ctx: WorkerContext, backend, stream, step_fn: Callabl
                           "history": state.history if ctx.is_main else []})
 
     local_batch = global_batch // ctx.world_size
+    tb_dir = plan.tb_dir
     if tb_dir and storage.is_remote(tb_dir):
         tb_dir = None  # TensorBoard's writer cannot append to an object store; the manifest has the curve
-    progress = Progress(name, total_steps, local_batch, ctx.world_size, ctx.rank, log_every, tb_dir, trackers)
+    progress = Progress(name, total_steps, local_batch, ctx.world_size, ctx.rank, plan.log_every, tb_dir,
+                        plan.trackers)
     batches = endless(stream)
     backend.module.train()
     times = StepTimes(os.environ.get("XBT_STEP_TIMES") == "1")
@@ -210,7 +235,7 @@ def run_loop(*, name: str, ctx: WorkerContext, backend, stream, step_fn: Callabl
         state.step += 1
         state.samples += global_batch
         _maybe_inject_fault(state.step, ctx.rank, stage_dir)
-        if checkpoint_every and state.step % checkpoint_every == 0 and state.step < total_steps:
+        if plan.checkpoint_every and state.step % plan.checkpoint_every == 0 and state.step < total_steps:
             save()
         if not progress.due(state.step):
             times.lap("step")

@@ -28,7 +28,7 @@ from xbt_dist.losses import info_nce
 from xbt_dist.models.clip import load_clip
 from xbt_dist.models.phi import Phi
 from xbt_dist.train.context import WorkerContext
-from xbt_dist.train.loop import run_loop
+from xbt_dist.train.loop import LoopPlan, run_loop
 from xbt_dist.train.precision import forward_autocast, fp32_unit, resolve_precision
 from xbt_dist.train.progress import mean_rate, peak_rss_mb
 from xbt_dist.train.tracking import open_trackers
@@ -137,12 +137,12 @@ def run_stage1(cfg: RunConfig, ctx: WorkerContext | None = None, resume: bool = 
         loss = info_nce(fp32_unit(phi_w), fp32_unit(w_old), scale.float(), ctx.rank, ctx.world_size)
         return loss, {"text_to_old_text": loss.detach()}
 
-    state = run_loop(name="phi", ctx=ctx, backend=backend, stream=stream, step_fn=step_fn,
-                     total_steps=total_steps, global_batch=s1.batch_size, stage_dir=stage_dir,
-                     checkpoint_every=stage1_setting(cfg, "checkpoint_every", warn),
-                     log_every=stage1_setting(cfg, "log_every", warn),
-                     resume=resume, tb_dir=f"{stage_dir}/tb",
-                     trackers=open_trackers(cfg, "phi", stage_dir, ctx.rank, resume))
+    plan = LoopPlan(name="phi", total_steps=total_steps, global_batch=s1.batch_size, stage_dir=stage_dir,
+                    checkpoint_every=stage1_setting(cfg, "checkpoint_every", warn),
+                    log_every=stage1_setting(cfg, "log_every", warn),
+                    resume=resume, tb_dir=f"{stage_dir}/tb",
+                    trackers=open_trackers(cfg, "phi", stage_dir, ctx.rank, resume))
+    state = run_loop(plan, ctx, backend, stream, step_fn)
     peaks = ctx.gather(peak_rss_mb())  # every rank's own high-water mark
     result = {"stage": "phi", "steps": state.step, "samples": state.samples,
               "wall_s": time.perf_counter() - t0, "d_new": d_new, "d_old": d_old,

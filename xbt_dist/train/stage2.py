@@ -23,14 +23,14 @@ import torch.nn.functional as F
 from xbt_dist import storage
 from xbt_dist.artifacts import write_manifest
 from xbt_dist.config import RunConfig, to_dict
-from xbt_dist.data.shards import list_shards, shard_sizes
+from xbt_dist.data.shards import shard_sizes
 from xbt_dist.data.stream import SampleStream
 from xbt_dist.losses import xbt_loss
 from xbt_dist.models.adapters import AdaptedCLIP
 from xbt_dist.models.clip import ClipBundle, load_clip, split_device_normalize
 from xbt_dist.models.phi import Phi
 from xbt_dist.train.context import WorkerContext
-from xbt_dist.train.loop import run_loop
+from xbt_dist.train.loop import LoopPlan, run_loop
 from xbt_dist.train.model import XBTModel, resolve_method
 from xbt_dist.train.precision import forward_autocast, fp32_unit, resolve_precision
 from xbt_dist.train.progress import mean_rate, peak_rss_mb
@@ -155,12 +155,11 @@ def run_stage2(cfg: RunConfig, ctx: WorkerContext | None = None, resume: bool = 
         embeds = {k: fp32_unit(v) for k, v in {"phi_v": out["phi_v"], "phi_w": out["phi_w"], **tgt}.items()}
         return xbt_loss(embeds, weights, out["logit_scale"].float(), ctx.rank, ctx.world_size)
 
-    state = run_loop(name=f"train:{tc.method}", ctx=ctx, backend=backend, stream=stream,
-                     step_fn=step_fn, total_steps=total_steps, global_batch=tc.batch_size,
-                     stage_dir=stage_dir, checkpoint_every=tc.checkpoint_every,
-                     log_every=tc.log_every, resume=resume,
-                     tb_dir=f"{stage_dir}/tb",
-                     trackers=open_trackers(cfg, "train", stage_dir, ctx.rank, resume))
+    plan = LoopPlan(name=f"train:{tc.method}", total_steps=total_steps, global_batch=tc.batch_size,
+                    stage_dir=stage_dir, checkpoint_every=tc.checkpoint_every,
+                    log_every=tc.log_every, resume=resume, tb_dir=f"{stage_dir}/tb",
+                    trackers=open_trackers(cfg, "train", stage_dir, ctx.rank, resume))
+    state = run_loop(plan, ctx, backend, stream, step_fn)
     wall = time.perf_counter() - t0
     # Each rank skipped its own bad samples and has its own memory peak: report the cluster's.
     per_rank = ctx.gather({"skipped": dict(stream.skipped), "peak_rss_mb": peak_rss_mb()})

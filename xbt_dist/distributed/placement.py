@@ -5,10 +5,10 @@ when the bundles do not fit, waits for resources forever without a word. This mo
 the request with what the Ray cluster (or a SLURM allocation, before Ray starts) offers and fails
 fast with the numbers and the fix:
 
-    from xbt_dist.dist.placement import check_ray_cluster
+    from xbt_dist.distributed.placement import check_ray_cluster
     check_ray_cluster(cfg.dist)          # in ray_runner, before the TorchTrainer starts
 
-    python -m xbt_dist.dist.placement --node-cpus '128(x4)' --gpus-per-node 8 \
+    python -m xbt_dist.distributed.placement --node-cpus '128(x4)' --gpus-per-node 8 \
         --config C --workers 32 --use-gpu [--set ...]   # what launchers/ray_on_slurm.sh runs
 
 A bundle lives on one node, so the count is per node: node n holds
@@ -184,7 +184,7 @@ def plan_lines(dist: DistConfig, nodes: Sequence[NodeCapacity], data_workers: in
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m xbt_dist.dist.placement --node-cpus SPEC [--gpus-per-node G] STAGE-ARGS...`
+    """`python -m xbt_dist.distributed.placement --node-cpus SPEC [--gpus-per-node G] STAGE-ARGS...`
 
     STAGE-ARGS are exactly what the stage gets (`--config C --workers N --use-gpu --set ...`), read
     by the stage's own argument parser, so the plan sees the config the stage will run with.

@@ -19,7 +19,7 @@ atomically and holds the input's keys in order. A task that still fails is repor
 name after the others finish, and a rerun redoes only the missing shards. The driver writes the
 manifest once every shard is present.
 
-    from xbt_dist.dist.embed_job import embed_on_ray
+    from xbt_dist.distributed.embed_job import embed_on_ray
     embed_on_ray("shards/text", "emb/text", {"old": cfg.old, "new": cfg.new},
                  ["text_old", "text_new"], dist_cfg=cfg.dist)
 
@@ -131,7 +131,7 @@ def embed_on_ray(src: str, out_dir: str, encoders: dict[str, Any], fields: Seque
 
     from xbt_dist.data.embed import embed_shards
     from xbt_dist.data.shards import shard_name, shard_sizes
-    from xbt_dist.dist.ray_runner import connect_ray
+    from xbt_dist.distributed.ray_runner import connect_ray
 
     d = dist_cfg or DistConfig(backend="ray")
     fields = list(fields)

@@ -1,6 +1,6 @@
 """Run a stage function as a Ray Train job: N workers, each a DeepSpeed engine, one code path.
 
-    from xbt_dist.dist.ray_runner import run_on_ray
+    from xbt_dist.distributed.ray_runner import run_on_ray
     from xbt_dist.train.stage1 import run_stage1
     result = run_on_ray(run_stage1, cfg)            # cfg.dist: workers, use_gpu, zero_stage, ...
 
@@ -221,7 +221,7 @@ def _worker_entry(config: dict) -> None:
     import ray.train
     import torch.distributed as dist
 
-    from xbt_dist.dist.deepspeed_backend import make_deepspeed_backend
+    from xbt_dist.distributed.deepspeed_backend import make_deepspeed_backend
     from xbt_dist.train.context import WorkerContext, all_reduce_mean
 
     tctx = ray.train.get_context()
@@ -332,7 +332,7 @@ def run_on_ray(stage_fn: Callable, cfg: RunConfig, resume: bool = False, *, name
     _restore_stop_handlers(saved_handlers)
     try:
         # Ray would wait forever for bundles that cannot be placed: fail now with the numbers.
-        from xbt_dist.dist.placement import check_ray_cluster
+        from xbt_dist.distributed.placement import check_ray_cluster
         check_ray_cluster(d, started_locally=started)
         resources = {"CPU": d.cpus_per_worker}
         if d.use_gpu:
