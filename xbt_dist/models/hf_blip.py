@@ -208,6 +208,10 @@ def build_blip(ref: ModelRef, load_weights: bool = True, pad_token_id: int | Non
 def load_blip(ref: ModelRef, device="cpu", requires_grad: bool = False, load_weights: bool = True):
     """A `ClipBundle` of the BLIP ITC encoder named by `ref` (frozen, eval mode, like load_clip)."""
     from xbt_dist.models.clip import ClipBundle
+    if ref.pretrained and load_weights:
+        _pretrained_dir(ref)        # a missing directory is named before its tokenizer is looked for
+    else:
+        _config_dict(ref)           # so is an unknown architecture
     tokenizer = load_tokenizer(ref)
     model = build_blip(ref, load_weights, tokenizer.pad_token_id)
     if tokenizer.tokenizer.vocab_size > model.config.text_config.vocab_size:
