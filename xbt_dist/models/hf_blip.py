@@ -105,6 +105,11 @@ class BlipDualEncoder(nn.Module):
 
     # The pieces, so adapters can insert soft prompts between them.
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        # BLIP's embeddings slice the position table to the patch count, so a smaller image would run
+        # silently with the wrong positions: refuse any size but the trained one (a shape check, no sync).
+        if tuple(images.shape[-2:]) != (self.image_size, self.image_size):
+            raise ValueError(f"BLIP takes {self.image_size}x{self.image_size} images, got "
+                             f"{tuple(images.shape[-2:])}; fix: use the bundle's preprocess (or resize first)")
         return self.vision_model.embeddings(images)
 
     def image_head(self, hidden: torch.Tensor, normalize: bool) -> torch.Tensor:
