@@ -29,7 +29,8 @@ def tiny_blip_config(vocab_size: int, vision_width: int = 32, text_width: int = 
     from transformers import BlipConfig
     return BlipConfig(
         vision_config=dict(hidden_size=vision_width, intermediate_size=2 * vision_width, num_hidden_layers=layers,
-                           num_attention_heads=2, image_size=image_size, patch_size=8),
+                           num_attention_heads=2, image_size=image_size, patch_size=8,
+                           initializer_range=0.02),   # BlipVisionConfig defaults to 1e-10 (weights ~0)
         text_config=dict(vocab_size=vocab_size, hidden_size=text_width, intermediate_size=2 * text_width,
                          num_hidden_layers=layers, num_attention_heads=2, max_position_embeddings=64,
                          encoder_hidden_size=vision_width, pad_token_id=0, bos_token_id=2, sep_token_id=3),
