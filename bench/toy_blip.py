@@ -17,7 +17,7 @@ from pathlib import Path
 from bench.common import row, setup_torch, write_result
 
 
-def run(out: Path, seed: int = 0, quick: bool = False, epochs: int = 4) -> dict:
+def run(out: Path, seed: int = 0, quick: bool = False, epochs: int = 4, world_kw: dict | None = None) -> dict:
     from xbt_dist.eval.evaluate import run_eval
     from xbt_dist.pipeline import embed_for_config, run_stage, toy_run_config
     from xbt_dist.toy import ToyWorldConfig, build_toy_world
@@ -27,7 +27,7 @@ def run(out: Path, seed: int = 0, quick: bool = False, epochs: int = 4) -> dict:
 
     t0, seconds = time.perf_counter(), {}
     kw = dict(n_train=512, n_text=2048, n_eval=128, n_zeroshot=64, per_shard=256, text_per_shard=1024,
-              batch_size=64) if quick else {}
+              batch_size=64) if quick else dict(world_kw or {})
     world = build_toy_world(out / "toy", ToyWorldConfig(seed=seed, train_models=False, **kw))
     seconds["world"] = round(time.perf_counter() - t0, 1)
     t = time.perf_counter()
@@ -52,7 +52,7 @@ def run(out: Path, seed: int = 0, quick: bool = False, epochs: int = 4) -> dict:
             for d in ("t2i", "i2t") for k in (1, 5, 10)]
     rows += [row("toy_blip", "time", k, v, "s") for k, v in seconds.items()]
     return {"name": "toy_blip", "rows": rows, "verdict": compat.get("verdict"), "on_off": compat.get("on_off"),
-            "base_models": base, "seed": seed, "quick": quick, "seconds": seconds,
+            "base_models": base, "seed": seed, "world": dict(world_kw or {}), "quick": quick, "seconds": seconds,
             "config": {"old": str(cfg.old), "new": str(cfg.new), "method": cfg.train.method},
             "notes": [f"verdict: {compat.get('verdict')}", f"on-off: {compat.get('on_off')}"]}
 
@@ -63,9 +63,13 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--n-train", type=int, help="toy world training pairs (default: the toy world's 12000)")
+    ap.add_argument("--n-text", type=int, help="stage-1 captions (default 60000)")
+    ap.add_argument("--n-eval", type=int, help="test gallery images (default 1000)")
     a = ap.parse_args(argv)
     setup_torch()
-    result = run(Path(a.out), a.seed, a.quick, a.epochs)
+    world_kw = {k: v for k, v in (("n_train", a.n_train), ("n_text", a.n_text), ("n_eval", a.n_eval)) if v}
+    result = run(Path(a.out), a.seed, a.quick, a.epochs, world_kw)
     write_result(Path(a.out), result)
     print(result["notes"])
 
