@@ -65,3 +65,18 @@ def test_blip_old_run_online_for_an_open_clip_new(tiny_cfg, tmp_path, capsys):
     assert main(["train", "--config", str(cfg_path), "--set", "train.method=base"]) == 0
     train = _printed(capsys.readouterr().out)[-1]
     assert train["old_model_loaded"] is True and train["steps"] == 3 and np.isfinite(train["final_loss"])
+
+
+def test_query_encoder_serves_a_blip_new_model(tiny_cfg, tmp_path):
+    """The index / serving encoders load a BLIP new model next to an open_clip old one."""
+    from PIL import Image
+
+    from xbt_dist.index.encoders import QueryEncoder
+    cfg = tiny_cfg
+    cfg.new = ModelRef("tiny-blip", pretrained=str(save_tiny_blip(tmp_path / "tiny-blip")), backend="hf_blip")
+    enc = QueryEncoder(cfg, views=("old", "new"))
+    texts = enc.texts("new", ["a red cube", "two blue balls"])
+    images = enc.images("new", [Image.new("RGB", (40, 30), (200, 0, 0))])
+    assert texts.shape == (2, 16) and images.shape == (1, 16)
+    np.testing.assert_allclose(np.linalg.norm(texts, axis=1), 1.0, rtol=1e-5)
+    assert enc.texts("old", ["a red cube"]).shape == (1, 16)
