@@ -88,6 +88,8 @@ def test_missing_dir_arch_mismatch_and_bad_backend_are_named(tmp_path, blip_dir)
     bundle = load_encoder(ModelRef("tiny-blip", pretrained=str(blip_dir), backend="hf_blip"))
     with pytest.raises(ValueError, match=r"32x32 images, got \(16, 16\)"):   # no silent position slicing
         bundle.model.encode_image(torch.zeros(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="context_length=100 exceeds the text encoder's 64 positions"):
+        load_encoder(ModelRef("tiny-blip", pretrained=str(blip_dir), backend="hf_blip", context_length=100))
     with pytest.raises(ConfigError, match="model.backend='hf_clipp'.*open_clip, hf_blip"):
         ModelRef("x", backend="hf_clipp")
     with pytest.raises(ConfigError, match="model.context_length"):
