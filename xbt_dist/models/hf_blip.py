@@ -222,6 +222,9 @@ def load_blip(ref: ModelRef, device="cpu", requires_grad: bool = False, load_wei
     if tokenizer.tokenizer.vocab_size > model.config.text_config.vocab_size:
         raise ValueError(f"tokenizer of {ref.arch!r} has {tokenizer.tokenizer.vocab_size} tokens but the text "
                          f"encoder embeds {model.config.text_config.vocab_size}: they belong to different models")
+    if model.context_length > model.config.text_config.max_position_embeddings:
+        raise ValueError(f"model.context_length={model.context_length} exceeds the text encoder's "
+                         f"{model.config.text_config.max_position_embeddings} positions; fix: lower it")
     model = model.to(device).eval().requires_grad_(requires_grad)
     val, train = image_transforms(ref, model.image_size)
     return ClipBundle(model=model, preprocess=val, preprocess_train=train, tokenizer=tokenizer,
