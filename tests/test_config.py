@@ -30,6 +30,10 @@ def test_paper_recipes_models():
     h = load_config(RECIPES[0].parent / "paper_l14_h14.yaml")
     assert (h.old.arch, h.new.arch, h.dist.zero_stage) == ("ViT-L-14", "ViT-H-14", 3)
     assert h.train.batch_size == b.train.batch_size  # inherited through `base:`
+    blip = load_config(RECIPES[0].parent / "paper_blip_base_large.yaml")
+    assert (blip.old.backend, blip.old.arch, blip.new.backend, blip.new.arch) == \
+        ("hf_blip", "blip-itm-base-coco", "hf_blip", "blip-itm-large-coco")
+    assert b.old.backend == "open_clip" and blip.adapters == b.adapters
 
 
 @pytest.mark.parametrize("override, message", [

@@ -64,3 +64,24 @@ def test_tiny_counts_follow_config(tmp_path):
     assert r["lora"] == 4 * (2 * 32 + 96 * 2 + 2 * 32 + 32 * 2)
     assert r["prompts"] == 4 * 32 + 4 * 32 and r["layernorm"] == 0
     assert r["phi"] == (24 * 8 + 8) + (8 * 24 + 24)
+
+
+def test_paper_blip_config_counts():
+    """configs/paper_blip_base_large.yaml (hf_blip, counted from the shipped architecture configs on the
+    meta device; the pretrained directories are not read). Expected numbers from the BLIP-large ITC
+    encoder's layer shapes: ViT-L/16 at 384 px (24 blocks, width 1024, MLP 4096), BERT-base text
+    without cross-attention (12 blocks, 768, vocab 30524, 512 positions), 256-d projections."""
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "paper_blip_base_large.yaml")
+    r = parameter_report(cfg.old, cfg.new, cfg.adapters, cfg.phi.hidden, cfg.phi.depth)
+    w, t = 1024, 768
+    vision_block = (w * 3 * w + 3 * w) + (w * w + w) + 4 * w + (w * 4 * w + 4 * w) + (4 * w * w + w)
+    vision = (3 * 16 * 16 * w + w) + w + (24 * 24 + 1) * w + 24 * vision_block + 2 * w
+    text_block = 4 * (t * t + t) + 2 * t + (t * 4 * t + 4 * t) + (4 * t * t + t) + 2 * t
+    text = 30524 * t + 512 * t + 2 * t + 12 * text_block
+    assert r["new_model"] == vision + text + (w * 256 + 256) + (t * 256 + 256) == 413_041_664
+    assert (r["d_old"], r["d_new"], r["phi_shape"]) == (256, 256, [256, 2048, 2048, 256])
+    assert r["phi"] == 5_247_232
+    # LoRA r=8: vision qkv (A [8, w] + B [3w, 8]) + projection; text query, key, value, output.dense
+    assert r["lora"] == 8 * (24 * ((w + 3 * w) + 2 * w) + 12 * 4 * 2 * t) == 1_769_472
+    assert r["prompts"] == 4 * w + 4 * t and r["layernorm"] == 0
+    assert (r["lora_only"], r["base"], r["xbt"], r["full_tune"]) == (7_016_704, 7_023_872, 7_023_872, 418_288_896)

@@ -22,8 +22,8 @@ def test_pipeline_end_to_end(tiny_cfg, tmp_path, monkeypatch):
     # precomputed targets: the old model must never be loaded in stage 2
     import xbt_dist.train.stage2 as s2
     loaded = []
-    real = s2.load_clip
-    monkeypatch.setattr(s2, "load_clip", lambda ref, device: loaded.append(ref.arch) or real(ref, device))
+    real = s2.load_encoder
+    monkeypatch.setattr(s2, "load_encoder", lambda ref, device: loaded.append(ref.arch) or real(ref, device))
     r2 = run_stage(run_stage2, cfg)
     assert loaded == [cfg.new.arch] and r2["old_model_loaded"] is False
     assert r2["steps"] == 3 and r2["samples"] == 24

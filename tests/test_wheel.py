@@ -58,6 +58,9 @@ def test_wheel_packs_recipes_and_submit_module(installed):
     shipped = {f"xbt_dist/configs/{p.name}" for p in (ROOT / "configs").glob("*.yaml")}
     assert shipped and shipped <= names, sorted(shipped - names)
     assert "xbt_dist/submit.py" in names
+    # the hf_blip architecture configs `xbt params` counts from (paper_blip_base_large.yaml)
+    arch = {f"xbt_dist/models/hf_configs/{p.name}" for p in (ROOT / "xbt_dist/models/hf_configs").glob("*.json")}
+    assert len(arch) == 2 and arch <= names, sorted(arch - names)
     assert not [n for n in names if n.startswith(("tests/", "launchers/", "bench/", "xbt_testing/"))]
 
 

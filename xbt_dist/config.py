@@ -36,9 +36,19 @@ def _check(cond: bool, name: str, value: Any, expected: str) -> None:
         raise ConfigError(f"{name}={value!r} is invalid: expected {expected}", key=name)
 
 
+MODEL_BACKENDS = ("open_clip", "hf_blip")
+
+
 @dataclass
 class ModelRef:
-    """Which open_clip model: architecture name plus pretrained tag or local checkpoint path."""
+    """Which dual encoder: backend, architecture name plus pretrained tag, checkpoint or directory.
+
+    backend `open_clip` (default): `arch` an open_clip architecture, `pretrained` a tag or a state-dict
+    file. backend `hf_blip` (transformers BlipForImageTextRetrieval, docs/architecture.md "Encoder
+    backends"): `arch` a shipped architecture name (`blip-itm-base-coco`, `blip-itm-large-coco`), a
+    config.json or a directory holding one; `pretrained` a local `save_pretrained` directory (weights,
+    config and tokenizer), None = random init.
+    """
     arch: str
     pretrained: str | None = None   # open_clip tag ("openai") or a local checkpoint path; None = random init
     config_dir: str | None = None   # directory of extra open_clip JSON architecture configs
@@ -46,12 +56,24 @@ class ModelRef:
     # open_clip pretrained registry says for (arch, tag) (true for every `openai` tag), else the
     # architecture's own setting. A local checkpoint cannot tell: set true for OpenAI weights on disk.
     quick_gelu: bool | None = None
+    backend: str = "open_clip"      # open_clip | hf_blip
+    # Text tokens per caption for Hugging Face backends (None: the backend's default, 35 for BLIP as in
+    # its retrieval fine-tuning); open_clip models fix it in their architecture.
+    context_length: int | None = None
 
     def __post_init__(self):
         _check(isinstance(self.arch, str) and bool(self.arch), "model.arch", self.arch,
                "an open_clip architecture name such as 'ViT-B-32'")
         _check(self.quick_gelu in (None, True, False), "model.quick_gelu", self.quick_gelu,
                "true, false or null (from the pretrained tag)")
+        _check(self.backend in MODEL_BACKENDS, "model.backend", self.backend,
+               f"one of {', '.join(MODEL_BACKENDS)}")
+        _check(self.context_length is None or (isinstance(self.context_length, int)
+                                               and not isinstance(self.context_length, bool)
+                                               and 4 <= self.context_length <= 512),
+               "model.context_length", self.context_length, "null or an int in 4..512")
+        _check(self.context_length is None or self.backend != "open_clip", "model.context_length",
+               self.context_length, "null with backend open_clip (its architecture fixes the context length)")
 
 
 _TOWERS = ("image", "text")

@@ -18,7 +18,7 @@ under bf16 autocast on CUDA (fp32 weights, fp32 output), plain fp32 on CPU.
 Encoders are looked up per field: `encoders["image_old"]` (a plain callable over a list of PIL
 images / captions -> (n, d) array, handy in tests) wins over `encoders["old"]`, a role encoder:
 an `Encoder`, a ClipBundle-like object (`.model`, `.preprocess`, `.tokenizer`) or a `ModelRef`
-(loaded with `xbt_dist.models.clip.load_clip`).
+(loaded with `xbt_dist.models.encoders.load_encoder`, any backend).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class Encoder:
         for attr in ("model", "preprocess", "tokenizer"):
             if not hasattr(bundle, attr):
                 raise TypeError(f"Encoder needs a ClipBundle-like object with .{attr}; got "
-                                f"{type(bundle).__name__} (use xbt_dist.models.clip.load_clip(ref))")
+                                f"{type(bundle).__name__} (use xbt_dist.models.encoders.load_encoder(ref))")
         self.bundle = bundle
         self.model = bundle.model.eval()
         self.device = torch.device(device) if device is not None else next(self.model.parameters()).device
@@ -69,8 +69,8 @@ class Encoder:
 
     @classmethod
     def from_ref(cls, ref, device: str = "cpu") -> "Encoder":
-        from xbt_dist.models.clip import load_clip  # models package is owned elsewhere; import lazily
-        return cls(load_clip(ref, device=device), device=device)
+        from xbt_dist.models.encoders import load_encoder  # models package is owned elsewhere; import lazily
+        return cls(load_encoder(ref, device=device), device=device)
 
     def prepare_images(self, images: list) -> torch.Tensor:
         return torch.stack([self.bundle.preprocess(im) for im in images])
@@ -128,7 +128,7 @@ def resolve_field_encoders(encoders: dict[str, Any], fields: Sequence[str], devi
         key = field if field in encoders else role
         if key not in encoders:
             raise KeyError(f"no encoder for field {field!r}: pass encoders={{'{role}': "
-                           f"Encoder(load_clip(ref))}} or encoders={{'{field}': callable}} "
+                           f"Encoder(load_encoder(ref))}} or encoders={{'{field}': callable}} "
                            f"(got keys {sorted(encoders)})")
         if key not in cache:
             cache[key] = _as_encoder(encoders[key], device)

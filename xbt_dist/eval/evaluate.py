@@ -32,7 +32,8 @@ from xbt_dist.config import RunConfig
 from xbt_dist.eval.compat import OnOffCheck, compatibility_report, zero_shot_report
 from xbt_dist.eval.report import write_report
 from xbt_dist.eval.stream import StreamedSet, dedup_by_repr, embed_stream
-from xbt_dist.models.clip import ClipBundle, load_clip
+from xbt_dist.models.clip import ClipBundle
+from xbt_dist.models.encoders import load_encoder
 from xbt_dist.train.model import resolve_method
 from xbt_dist.train.stage1 import PHI_FILE, load_phi
 from xbt_dist.train.stage2 import ADAPTERS_FILE, load_xbt
@@ -145,7 +146,7 @@ class Towers:
 
 def load_towers(cfg: RunConfig, device: str | torch.device = "cpu") -> Towers:
     """old, new, and (when their files exist) the stage-1 phi and the trained XBT model."""
-    old, new = load_clip(cfg.old, device), load_clip(cfg.new, device)
+    old, new = load_encoder(cfg.old, device), load_encoder(cfg.new, device)
     towers = Towers(old, new, device)
     # through the storage layer: out_dir may be an object-store URL (s3://...)
     phi_path = storage.join(cfg.stage_dir("phi"), PHI_FILE)

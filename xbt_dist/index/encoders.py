@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from xbt_dist.config import RunConfig
-from xbt_dist.models.clip import load_clip
+from xbt_dist.models.encoders import load_encoder
 
 VIEWS = ("old", "new", "phi", "xbt")
 
@@ -39,9 +39,9 @@ class QueryEncoder:
         self.phi_path = Path(cfg.stage_dir("phi")) / PHI_FILE
         need_new = any(v in views for v in ("new", "phi", "xbt"))
         if "old" in views:
-            self.bundles["old"] = load_clip(cfg.old, device)
+            self.bundles["old"] = load_encoder(cfg.old, device)
         if need_new:
-            self.bundles["new"] = load_clip(cfg.new, device)
+            self.bundles["new"] = load_encoder(cfg.new, device)
         if "phi" in views and self.phi_path.is_file():
             self.heads["phi"] = load_phi(self.phi_path).to(self.device).eval()
         self.xbt = None

@@ -17,6 +17,10 @@ block, 202,752*r over both L/14 towers, so r=7 gives 8.24M and r=8 8.44M; no tow
 choice lands on 8.34M (tests/test_params.py checks every one up to r=128). The paper's steps of
 0.01M between the rows fit soft prompts (768 or 1024 per token), not LayerNorm tuning (140,800 on
 L/14), which is why configs/paper_b32_l14.yaml leaves LayerNorms frozen: 8.44M / 8.45M / 8.45M.
+
+hf_blip models (the paper's Table 5, BLIP base -> large) are counted the same way from their
+architecture configs; `new_model` is the ITC dual encoder (BLIP's ITM head and the text layers'
+cross-attention are dropped by models.hf_blip, as they never run for embeddings).
 """
 
 from __future__ import annotations
@@ -27,17 +31,26 @@ import open_clip
 import torch
 
 from xbt_dist.config import ModelRef
-from xbt_dist.models.adapters import AdaptedCLIP, AdapterConfig
+from xbt_dist.models.adapters import AdapterConfig
 from xbt_dist.models.clip import _check_arch, embed_dim_of, register_model_configs
+from xbt_dist.models.encoders import adapt
 from xbt_dist.models.phi import phi_num_params
 
 
 def _meta_model(ref: ModelRef):
+    if ref.backend == "hf_blip":     # the architecture config only: shipped name, config.json or directory
+        from xbt_dist.models.hf_blip import build_blip
+        with torch.device("meta"):
+            return build_blip(ref, load_weights=False)
     if ref.config_dir:
         register_model_configs(ref.config_dir)
     _check_arch(ref.arch)
     with torch.device("meta"):      # parameters get shapes but no storage
         return open_clip.create_model(ref.arch, pretrained=None, device="meta")
+
+
+def _embed_dim(model) -> int:
+    return int(model.output_dim) if not hasattr(model, "visual") else embed_dim_of(model)
 
 
 def _count(params) -> int:
@@ -49,12 +62,12 @@ def parameter_report(old_ref: ModelRef, new_ref: ModelRef, adapter_cfg: AdapterC
     """Trainable parameter counts for Full-tune, LoRA-only, Base, XBT and phi (see module docstring)."""
     cfg = adapter_cfg or AdapterConfig()
     old = _meta_model(old_ref)
-    d_old = embed_dim_of(old)
+    d_old = _embed_dim(old)
     del old
     new = _meta_model(new_ref)
-    d_new = embed_dim_of(new)
+    d_new = _embed_dim(new)
     n_new = _count(new.parameters())
-    adapted = AdaptedCLIP(new, dataclasses.replace(cfg, full_tune=False))
+    adapted = adapt(new, dataclasses.replace(cfg, full_tune=False))
     names = adapted.adapter_state_dict().keys()
     params = dict(adapted.named_parameters())
     lora = _count(params[n] for n in names if "lora_" in n)

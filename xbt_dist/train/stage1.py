@@ -25,7 +25,7 @@ from xbt_dist.data.shards import list_shards, shard_sizes
 from xbt_dist.data.stream import SampleStream
 from xbt_dist.data.text_stream import TextEmbeddingStream
 from xbt_dist.losses import info_nce
-from xbt_dist.models.clip import load_clip
+from xbt_dist.models.encoders import load_encoder
 from xbt_dist.models.phi import Phi
 from xbt_dist.train.context import WorkerContext
 from xbt_dist.train.loop import LoopPlan, run_loop
@@ -103,7 +103,7 @@ def run_stage1(cfg: RunConfig, ctx: WorkerContext | None = None, resume: bool = 
     else:
         if not s1.text_shards:
             raise ValueError("stage1.source=text needs stage1.text_shards (a text shard set)")
-        old, new = load_clip(cfg.old, ctx.device), load_clip(cfg.new, ctx.device)
+        old, new = load_encoder(cfg.old, ctx.device), load_encoder(cfg.new, ctx.device)
         d_new, d_old = new.embed_dim, old.embed_dim
         stream = SampleStream(s1.text_shards, mode="text", batch_size=local_batch,
                               rank=ctx.rank, world_size=ctx.world_size, seed=seed,

@@ -26,8 +26,8 @@ from xbt_dist.config import RunConfig, to_dict
 from xbt_dist.data.shards import shard_sizes
 from xbt_dist.data.stream import SampleStream
 from xbt_dist.losses import xbt_loss
-from xbt_dist.models.adapters import AdaptedCLIP
-from xbt_dist.models.clip import ClipBundle, load_clip, split_device_normalize
+from xbt_dist.models.clip import ClipBundle, split_device_normalize
+from xbt_dist.models.encoders import adapt, image_size_of, load_encoder
 from xbt_dist.models.phi import Phi
 from xbt_dist.train.context import WorkerContext
 from xbt_dist.train.loop import LoopPlan, run_loop
@@ -52,7 +52,7 @@ def build_model(cfg: RunConfig, new: ClipBundle, d_old: int) -> XBTModel:
     phi0 = copy.deepcopy(phi) if cfg.train.target_source == "synthetic" else None
     if phi0 is not None and cfg.train.phi_init != "stage1":
         raise ValueError("target_source=synthetic needs the stage-1 phi: set train.phi_init=stage1")
-    adapted = AdaptedCLIP(new.model, cfg.adapters)
+    adapted = adapt(new.model, cfg.adapters)   # AdaptedCLIP or AdaptedBLIP, by backend
     return XBTModel(adapted, phi, cfg.loss.temperature, cfg.loss.learn_temperature, phi0=phi0)
 
 
@@ -70,9 +70,9 @@ def load_xbt(cfg: RunConfig, new: ClipBundle, d_old: int, path: str | Path | Non
 
 
 def _old_inputs(old: ClipBundle, new: ClipBundle):
-    """Map the new model's image batch to the old model's input size (same CLIP normalisation)."""
-    size = old.model.visual.image_size
-    size = size if isinstance(size, (tuple, list)) else (size, size)
+    """Map the new model's image batch to the old model's input size (same CLIP normalisation:
+    open_clip's OpenAI statistics are BLIP's too; either backend may be old or new)."""
+    size = image_size_of(old)
 
     def convert(images: torch.Tensor) -> torch.Tensor:
         if tuple(images.shape[-2:]) != tuple(size):
@@ -93,7 +93,7 @@ def run_stage2(cfg: RunConfig, ctx: WorkerContext | None = None, resume: bool = 
         raise ValueError("train.train_shards is not set: point it at an image-text shard set")
     t0 = time.perf_counter()
     precision = resolve_precision(cfg.dist.precision, ctx.device)
-    new = load_clip(cfg.new, ctx.device)
+    new = load_encoder(cfg.new, ctx.device)
     old = None
     targets = None
     if tc.target_source == "precomputed":
@@ -105,7 +105,7 @@ def run_stage2(cfg: RunConfig, ctx: WorkerContext | None = None, resume: bool = 
         targets.check_fields(["image_old", "text_old"])
         d_old = targets.dims["image_old"]
     elif tc.target_source == "old_model":
-        old = load_clip(cfg.old, ctx.device)
+        old = load_encoder(cfg.old, ctx.device)
         old.model.requires_grad_(False)
         to_old = _old_inputs(old, new)
         d_old = old.embed_dim
