@@ -1,4 +1,4 @@
-"""The toy-world proof for the BLIP family (issue 14): toy BLIP-architecture OLD and NEW models,
+"""The toy-world proof for the BLIP family: toy BLIP-architecture OLD and NEW models,
 trained from scratch by ITC (`xbt_dist.toy.base_blip`), through embed -> stage 1 -> stage 2 -> eval
 with the `hf_blip` backend; the compatibility cases, the Eqn-1 verdict and the on-off check.
 
