@@ -33,7 +33,7 @@ def _stage_args(p: argparse.ArgumentParser, resume: bool = True) -> None:
     p.add_argument("--workers", type=int, help="Ray Train workers (implies dist.backend=ray if > 1)")
     p.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per worker")
     p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], help="DeepSpeed ZeRO stage")
-    p.add_argument("--ray-address", help="attach to this Ray cluster (default: $RAY_ADDRESS or local)")
+    p.add_argument("--ray-address", help="attach to this Ray cluster and run on Ray (default: $XBT_RAY_ADDRESS; unset: the recipe's dist.ray_address, then $RAY_ADDRESS, else a local Ray)")
     if resume:
         p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
 
