@@ -141,6 +141,7 @@ def table(results: dict, sweep: str, split: str) -> str:
 
 def plot(results: dict, sweep: str, path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
@@ -151,6 +152,9 @@ def plot(results: dict, sweep: str, path: Path) -> None:
             ax.errorbar(sizes, [x["mean"] for x in ms], yerr=[x["std"] for x in ms], marker="o",
                         label=" ".join(m), linestyle="--" if m[0] == "old/old" else "-")
         ax.set_xscale("log")
+        # the swept sizes as plain tick labels (log-scale minor labels overlap at these spans)
+        ax.set_xticks(sizes, [f"{s:,}" for s in sizes])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel({"corpus": "stage-1 captions", "pairs": "stage-2 training pairs",
                        "phi_width": "phi hidden width"}[sweep])
         ax.set_title(f"{split} gallery")
