@@ -119,6 +119,30 @@ def _lora_regex(cfg: AdapterConfig) -> str:
     return rf"^({towers})\.resblocks\.\d+\.({'|'.join(parts)})$"
 
 
+@contextlib.contextmanager
+def layer_adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Switch off every LoRA layer (peft) and LayerNorm delta inside `model`; restore on exit.
+
+    Shared by the adapted CLIP and BLIP encoders. Flips peft's flag directly: peft's
+    enable_adapters(False) also sets requires_grad=False on the LoRA weights, which would change
+    what an optimizer / ZeRO engine sees as trainable."""
+    layers = [m for m in model.modules() if isinstance(m, (BaseTunerLayer, LayerNormDelta))]
+    saved = [(m, m._disable_adapters if isinstance(m, BaseTunerLayer) else m.enabled) for m in layers]
+    try:
+        for m in layers:
+            if isinstance(m, BaseTunerLayer):
+                m._disable_adapters = True
+            else:
+                m.enabled = False
+        yield
+    finally:
+        for m, state in saved:
+            if isinstance(m, BaseTunerLayer):
+                m._disable_adapters = state
+            else:
+                m.enabled = state
+
+
 class AdaptedCLIP(nn.Module):
     """An open_clip CLIP (modified in place) with XBT's adapters; base weights frozen."""
 
@@ -174,26 +198,13 @@ class AdaptedCLIP(nn.Module):
         if self.cfg.full_tune:
             raise RuntimeError("adapters_disabled() is meaningless with full_tune=True: the base weights "
                                "themselves are trained; keep an untouched copy of the model instead")
-        layers = [m for m in self.clip.modules() if isinstance(m, (BaseTunerLayer, LayerNormDelta))]
         prev = self.adapters_enabled
-        # Flip peft's flag directly: peft's enable_adapters(False) also sets requires_grad=False on the
-        # LoRA weights, which would change what an optimizer / ZeRO engine sees as trainable.
-        saved = [(m, m._disable_adapters if isinstance(m, BaseTunerLayer) else m.enabled) for m in layers]
         try:
             self.adapters_enabled = False
-            for m in layers:
-                if isinstance(m, BaseTunerLayer):
-                    m._disable_adapters = True
-                else:
-                    m.enabled = False
-            yield
+            with layer_adapters_disabled(self.clip):
+                yield
         finally:
             self.adapters_enabled = prev
-            for m, s in saved:
-                if isinstance(m, BaseTunerLayer):
-                    m._disable_adapters = s
-                else:
-                    m.enabled = s
 
     # ---- encoders -----------------------------------------------------------------------------
     def forward(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None,

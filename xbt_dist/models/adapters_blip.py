@@ -25,11 +25,10 @@ from typing import Iterator
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from xbt_dist.config import AdapterConfig
-from xbt_dist.models.adapters import LayerNormDelta
+from xbt_dist.models.adapters import LayerNormDelta, layer_adapters_disabled
 from xbt_dist.models.hf_blip import BlipDualEncoder
 
 _LORA_PATTERNS = {
@@ -95,24 +94,13 @@ class AdaptedBLIP(nn.Module):
         if self.cfg.full_tune:
             raise RuntimeError("adapters_disabled() is meaningless with full_tune=True: the base weights "
                                "themselves are trained; keep an untouched copy of the model instead")
-        layers = [m for m in self.blip.modules() if isinstance(m, (BaseTunerLayer, LayerNormDelta))]
-        saved = [(m, m._disable_adapters if isinstance(m, BaseTunerLayer) else m.enabled) for m in layers]
         prev = self.adapters_enabled
         try:
             self.adapters_enabled = False
-            for m in layers:   # peft's flag set directly: enable_adapters(False) would freeze the LoRA weights
-                if isinstance(m, BaseTunerLayer):
-                    m._disable_adapters = True
-                else:
-                    m.enabled = False
-            yield
+            with layer_adapters_disabled(self.blip):
+                yield
         finally:
             self.adapters_enabled = prev
-            for m, s in saved:
-                if isinstance(m, BaseTunerLayer):
-                    m._disable_adapters = s
-                else:
-                    m.enabled = s
 
     def forward(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
                 normalize: bool = True):
