@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from xbt_dist.config import ModelRef
-from xbt_dist.toy.base_clip import _lr_at, clip_loss, load_split, normalize_images
+from xbt_dist.toy.base_clip import _lr_at, clip_loss, contrastive_adamw, load_split, normalize_images
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -69,10 +69,7 @@ def train_blip(role: str, out_dir: str | Path, data: tuple, *, image_size: int =
     n, k = images_u8.shape[0], max(len(c) for c in caps)
     tokens = tokenizer([c[j % len(c)] for c in caps for j in range(k)]).view(n, k, -1)
     log_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))     # BLIP's temp, learned in log space
-    decay = [p for nm, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in nm]
-    rest = [p for nm, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in nm)] + [log_scale]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    opt = contrastive_adamw(model, lr, weight_decay, extra_no_decay=[log_scale])
     steps_per_epoch = n // batch_size
     total = epochs * steps_per_epoch
     warmup = max(1, int(warmup_frac * total))

@@ -99,6 +99,16 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
 
 
+def contrastive_adamw(model: torch.nn.Module, lr: float, weight_decay: float, extra_no_decay=()) -> torch.optim.AdamW:
+    """CLIP's AdamW recipe: weight decay on matrices except embeddings; none on gains, biases,
+    embeddings and `extra_no_decay` (e.g. a learned temperature kept outside the model)."""
+    named = list(model.named_parameters())
+    decay = [p for nm, p in named if p.ndim >= 2 and "embedding" not in nm]
+    no_decay = [p for nm, p in named if not (p.ndim >= 2 and "embedding" not in nm)] + list(extra_no_decay)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98), eps=1e-6)
+
+
 def train_clip(arch: str, train_dir: str | Path, out_path: str | Path, *, epochs: int = 8,
                batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 0.1,
                warmup_frac: float = 0.05, seed: int = 0, threads: int = 2,
@@ -122,11 +132,7 @@ def train_clip(arch: str, train_dir: str | Path, out_path: str | Path, *, epochs
     tokens = tokenizer(flat).view(n, k, -1)
 
     # No weight decay on gains, biases, embeddings-like scalars (standard CLIP recipe).
-    decay = [p for nm, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in nm]
-    no_decay = [p for nm, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in nm)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98),
-                            eps=1e-6)
+    opt = contrastive_adamw(model, lr, weight_decay)
     steps_per_epoch = n // batch_size     # drop the ragged last batch: contrastive batches stay full
     total = epochs * steps_per_epoch
     warmup = max(1, int(warmup_frac * total))
