@@ -88,6 +88,42 @@ def test_deepspeed_zero2_zero3_match_single_process_on_xbt_model(tmp_path):
         assert moved >= len(ref) // 2, "most trainable tensors should have moved after 2 steps"
 
 
+def _one_rank_worker(rank, world_size, out_dir):
+    from xbt_dist.distributed.deepspeed_backend import make_deepspeed_backend
+
+    make = make_deepspeed_backend(DistConfig(zero_stage=2), world_size, on_gpu=False)
+    losses, state, backend = T.train_tiny_xbt(make, rank, world_size, T.tiny_xbt_batch(), OPTIM)
+    torch.save({"losses": losses, "state": state, "stage": backend.zero_stage,
+                "allreduce": backend.engine.enable_backward_allreduce}, f"{out_dir}/one.pt")
+
+
+def test_zero_at_one_rank_runs_stage0_without_the_noop_allreduce(tmp_path):
+    """ZeRO-1/2/3 partition over ranks: at world size 1 the engine runs stage 0 and skips the
+    gradient all-reduce (its bookkeeping cost 1.2x the local step time), unless it offloads."""
+    from xbt_dist.distributed.deepspeed_backend import build_ds_config
+    from xbt_dist.train.backend import TorchBackend
+
+    for stage in (1, 2, 3):
+        one = build_ds_config(DistConfig(zero_stage=stage), OPTIM, 8, world_size=1, on_gpu=False)
+        two = build_ds_config(DistConfig(zero_stage=stage), OPTIM, 8, world_size=2, on_gpu=False)
+        assert one["zero_optimization"] == {"stage": 0}
+        assert two["zero_optimization"]["stage"] == stage
+    offload = tmp_path / "offload.json"
+    offload.write_text('{"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}')
+    kept = build_ds_config(DistConfig(deepspeed_config=str(offload)), OPTIM, 8, world_size=1, on_gpu=False)
+    assert kept["zero_optimization"]["stage"] == 2  # offloading is what ZeRO still does for one rank
+
+    ref_losses, ref_state, _ = T.train_tiny_xbt(lambda m, o, t, b: TorchBackend(m, o, t), 0, 1,
+                                                T.tiny_xbt_batch(), OPTIM)
+    T.spawn_gloo(_one_rank_worker, 1, str(tmp_path))
+    got = torch.load(tmp_path / "one.pt", weights_only=False)
+    assert (got["stage"], got["allreduce"]) == (0, False)
+    assert got["losses"] == pytest.approx(ref_losses, rel=1e-5)
+    ref, flat = _flat(ref_state), _flat(got["state"])
+    for k in ref:
+        torch.testing.assert_close(flat[k], ref[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
 def test_ray_reports_are_throttled_and_agreed_by_all_ranks():
     from xbt_dist.distributed.ray_runner import ReportThrottle
 

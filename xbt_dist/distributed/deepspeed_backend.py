@@ -46,6 +46,12 @@ _OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_a
                "gradient_clipping", "optimizer", "scheduler")
 
 
+def _offloads(zero: dict) -> bool:
+    """Whether a `zero_optimization` section moves optimiser state or parameters off the device."""
+    return any((zero.get(k) or {}).get("device", "none") not in ("none", None)
+               for k in ("offload_optimizer", "offload_param"))
+
+
 def build_ds_config(dist_cfg: DistConfig, optim: OptimConfig, local_batch: int, world_size: int,
                     on_gpu: bool) -> dict:
     """DeepSpeed config dict from `dist.deepspeed_config` (a JSON) or from `dist.zero_stage`.
@@ -72,6 +78,14 @@ def build_ds_config(dist_cfg: DistConfig, optim: OptimConfig, local_batch: int, 
         cfg.pop(k, None)
     zero = cfg.setdefault("zero_optimization", {})
     zero.setdefault("stage", dist_cfg.zero_stage)
+    if world_size == 1 and int(zero["stage"]) > 0 and not _offloads(zero):
+        # ZeRO partitions optimiser state, gradients (and at 3 parameters) over data-parallel
+        # ranks; with one rank it partitions nothing and only adds its bookkeeping: 1.4x the
+        # step time of stage 0 for the paper phi on CPU (docs/PERFORMANCE.md). Offloading is the
+        # one thing ZeRO still does for a single rank, so a config that offloads keeps its stage.
+        log.info("ZeRO-%s at world size 1 partitions nothing: running DeepSpeed at stage 0 "
+                 "(the run state loads on any stage and world size)", zero["stage"])
+        cfg["zero_optimization"] = zero = {"stage": 0}
     cfg.update({
         "train_micro_batch_size_per_gpu": int(local_batch),
         "gradient_accumulation_steps": int(optim.grad_accum),
@@ -225,6 +239,11 @@ class DeepSpeedBackend:
             model=module, optimizer=optimizer, config=self.ds_config,
             # a callable: DeepSpeed binds it to its (possibly ZeRO-wrapped) base optimiser
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+        if world_size == 1 and self.zero_stage == 0:
+            # One rank: the gradient all-reduce has nothing to average, but DeepSpeed would still
+            # flatten every gradient into buckets, all-reduce them over the process group and copy
+            # them back (8 ms of a 120 ms paper-phi step on CPU).
+            self.engine.enable_backward_allreduce = False
         self.module = self.engine
         self.model = module
 
