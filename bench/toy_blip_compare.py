@@ -1,0 +1,137 @@
+"""The toy-world proof for the BLIP family, with the CLIP proof's statistics (bench/compare.py).
+
+    python -m bench.toy_blip_compare --out runs/toy_blip_cmp --seeds 0 1 2 \\
+        --n-train 6000 --n-text 20000 --n-eval 1000 --n-val 500 --epochs 6
+
+One toy world; toy BLIP-architecture OLD and NEW (`xbt_dist.toy.base_blip`, trained from scratch by
+ITC, once, shared by every seed: the two trainings run side by side in two one-thread processes,
+which on the shared 2-core machine is faster than one after the other on two threads); then, per
+training seed, stage-1 phi and stage-2 XBT through the `hf_blip` backend, scored against the OLD
+gallery of the validation and the test split by `bench.compare.run` (recalls mean +- std over seeds,
+paired bootstrap intervals of xbt/old - old/old, flip rates, the cheap baselines). Adds the base
+models' own new/new recalls and, with `--on-off`, the adapters-off == untouched-BLIP check of
+`xbt eval` on seed 0. Writes `<out>/compare.{json,md}` and `<out>/toy_blip_compare.{json,md}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.common import setup_torch
+
+
+def _log(msg: str) -> None:
+    print(f"[toy_blip_compare] {msg}", file=sys.stderr, flush=True)
+
+
+def _train_role(world: dict, models: str, role: str, epochs: int, batch_size: int, seed: int) -> dict:
+    import contextlib
+
+    from xbt_dist.toy.base_blip import train_toy_blips
+    with open(Path(models) / f"train_{role}.log", "a") as f, contextlib.redirect_stdout(f):
+        return train_toy_blips(world, models, epochs=epochs, batch_size=batch_size, seed=seed,
+                               roles=(role,), threads=1)[role]
+
+
+def train_bases(world: dict, models: Path, epochs: int, batch_size: int, seed: int) -> dict:
+    models.mkdir(parents=True, exist_ok=True)
+    with ProcessPoolExecutor(2, mp_context=get_context("spawn")) as ex:
+        futs = {r: ex.submit(_train_role, world, str(models), r, epochs, batch_size, seed) for r in ("old", "new")}
+        return {r: f.result() for r, f in futs.items()}
+
+
+def self_recalls(out: Path, seed: int, split: str, ks=(1, 5, 10)) -> dict:
+    """old/old and new/new recalls of the base models on a split's gallery (views cached by compare)."""
+    from xbt_dist.eval import stats
+    g = torch.load(out / f"seed{seed}" / "methods" / "xbt" / f"views_{split}.pt", weights_only=True)
+    c2i = g["c2i"]
+    res = {}
+    for v in ("old", "new"):
+        r = stats.per_query_ranks(g["views"][v], g["views"][v], c2i)
+        res[f"{v}/{v}"] = {f"{d} R@{k}": round(float((np.asarray(r[d]) < k).mean()), 4)
+                           for d in ("t2i", "i2t") for k in ks}
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="runs/toy_blip_cmp")
+    ap.add_argument("--world-seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--n-train", type=int, default=6000)
+    ap.add_argument("--n-text", type=int, default=20000)
+    ap.add_argument("--n-eval", type=int, default=1000)
+    ap.add_argument("--n-val", type=int, default=500)
+    ap.add_argument("--per-shard", type=int, default=2000)
+    ap.add_argument("--epochs", type=int, default=6, help="base-model ITC epochs (OLD and NEW)")
+    ap.add_argument("--batch-size", type=int, default=128, help="base-model ITC batch")
+    ap.add_argument("--boot", type=int, default=None)
+    ap.add_argument("--on-off", action="store_true", help="also run `xbt eval` on seed 0 (the on-off check)")
+    ap.add_argument("--set", nargs="*", default=[], help="pipeline overrides (e.g. train.max_steps=4)")
+    a = ap.parse_args(argv)
+    setup_torch()
+    from bench import compare
+    from xbt_dist.eval import stats
+    from xbt_dist.pipeline import embed_for_config, toy_run_config
+    from xbt_dist.toy import ToyWorldConfig, build_toy_world
+    from xbt_dist.toy.base_blip import model_ref
+
+    out, t0, seconds = Path(a.out), time.perf_counter(), {}
+    command = "python -m bench.toy_blip_compare " + " ".join(sys.argv[1:] if argv is None else argv)
+    world = build_toy_world(out / "toy", ToyWorldConfig(
+        seed=a.world_seed, train_models=False, n_train=a.n_train, n_text=a.n_text, n_eval=a.n_eval,
+        n_val=a.n_val, per_shard=a.per_shard, text_per_shard=max(a.per_shard, 10_000)))
+    seconds["world"] = round(time.perf_counter() - t0, 1)
+    _log(f"world ready ({seconds['world']} s); training OLD and NEW toy BLIPs")
+    t = time.perf_counter()
+    base = train_bases(world, out / "models", a.epochs, a.batch_size, a.world_seed)
+    seconds["base_models"] = round(time.perf_counter() - t, 1)
+    _log(f"base models: {base}")
+    cfg = toy_run_config(world, out, overrides=a.set)
+    cfg.old, cfg.new = model_ref(out / "models" / "toy-blip-old"), model_ref(out / "models" / "toy-blip-new")
+    t = time.perf_counter()
+    embed_for_config(cfg)
+    seconds["embed"] = round(time.perf_counter() - t, 1)
+    _log(f"embedded ({seconds['embed']} s); seeds {a.seeds}")
+    t = time.perf_counter()
+    res = compare.run(cfg, a.seeds, ["xbt"], out, n_boot=a.boot or stats.DEFAULT_BOOT, world_seed=a.world_seed,
+                      command=command)
+    seconds["seeds"] = round(time.perf_counter() - t, 1)
+    selfr = {s: self_recalls(out, a.seeds[0], s) for s in compare.SPLITS}
+    seconds["total"] = round(time.perf_counter() - t0, 1)
+    result = {"command": command, "world": {k: getattr(a, k) for k in ("world_seed", "n_train", "n_text", "n_eval",
+                                                                        "n_val", "epochs", "batch_size")},
+              "base_models": base, "self_recalls": selfr, "seconds": seconds, "set": a.set,
+              "summary": compare._jsonable(res["summary"]), "meta": res["meta"]}
+    md = [f"# Toy BLIP proof\n\n`{command}`\n", "Base models (same model for query and gallery):\n"]
+    for split, r in selfr.items():
+        md.append(f"- {split}: " + "; ".join(f"{case} " + ", ".join(f"{k} {v:.3f}" for k, v in rr.items())
+                                             for case, rr in r.items()))
+    md += ["", res["markdown"], f"Seconds: {seconds}"]
+    (out / "toy_blip_compare.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "toy_blip_compare.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    if a.on_off:
+        from xbt_dist.eval.evaluate import run_eval
+        t = time.perf_counter()
+        ev = run_eval(compare.method_config(compare.seed_config(cfg, a.seeds[0], out), "xbt"))
+        result["on_off"] = ev["compat"].get("on_off")
+        result["seconds"]["on_off_eval"] = round(time.perf_counter() - t, 1)
+        (out / "toy_blip_compare.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+        with open(out / "toy_blip_compare.md", "a") as f:
+            f.write(f"\nAdapters off == untouched BLIP (`xbt eval`, seed {a.seeds[0]}): {result['on_off']}\n")
+        print("on-off:", result["on_off"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
