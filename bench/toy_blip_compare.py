@@ -34,6 +34,7 @@ def _log(msg: str) -> None:
 
 
 def _train_role(world: dict, models: str, role: str, epochs: int, batch_size: int, seed: int) -> dict:
+    """One base model (`role`) on one thread, its log in models/train_<role>.log."""
     import contextlib
 
     from xbt_dist.toy.base_blip import train_toy_blips
@@ -42,11 +43,36 @@ def _train_role(world: dict, models: str, role: str, epochs: int, batch_size: in
                                roles=(role,), threads=1)[role]
 
 
-def train_bases(world: dict, models: Path, epochs: int, batch_size: int, seed: int) -> dict:
+def train_bases(world: dict, models: Path, epochs: dict[str, int], batch_size: int, seed: int) -> dict:
     models.mkdir(parents=True, exist_ok=True)
     with ProcessPoolExecutor(2, mp_context=get_context("spawn")) as ex:
-        futs = {r: ex.submit(_train_role, world, str(models), r, epochs, batch_size, seed) for r in ("old", "new")}
+        futs = {r: ex.submit(_train_role, world, str(models), r, epochs[r], batch_size, seed) for r in ("old", "new")}
         return {r: f.result() for r, f in futs.items()}
+
+
+def _seed_worker(cfg, seed: int, out: str) -> int:
+    """One training seed's stage 1 + stage 2 and its gallery views, on one thread (what compare.run reuses)."""
+    import contextlib
+
+    from bench import compare
+    torch.set_num_threads(1)
+    with open(Path(out) / f"seed{seed}.log", "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        c = compare.seed_config(cfg, seed, Path(out))
+        runs = compare.ensure_trained(c, ["xbt"])
+        for split in compare.SPLITS:
+            compare.gallery(runs["xbt"], split)
+    return seed
+
+
+def train_seeds_parallel(cfg, seeds: list[int], out: Path) -> None:
+    """Every seed in its own one-thread process. On the shared, oversubscribed 2-core machine (load ~7)
+    torch's two-thread kernels mostly wait on each other: stage 2 of one seed on two threads ran at
+    20 samples/s, three one-thread seed processes minutes later at 45-62 samples/s each (an
+    observation under a changing load, not a benchmark)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with ProcessPoolExecutor(len(seeds), mp_context=get_context("spawn")) as ex:
+        for f in [ex.submit(_seed_worker, cfg, s, str(out)) for s in seeds]:
+            _log(f"seed {f.result()} trained")
 
 
 def self_recalls(out: Path, seed: int, split: str, ks=(1, 5, 10)) -> dict:
@@ -73,9 +99,12 @@ def main(argv=None) -> int:
     ap.add_argument("--n-val", type=int, default=500)
     ap.add_argument("--per-shard", type=int, default=2000)
     ap.add_argument("--epochs", type=int, default=6, help="base-model ITC epochs (OLD and NEW)")
+    ap.add_argument("--old-epochs", type=int, help="OLD's epochs if not --epochs")
     ap.add_argument("--batch-size", type=int, default=128, help="base-model ITC batch")
     ap.add_argument("--boot", type=int, default=None)
     ap.add_argument("--on-off", action="store_true", help="also run `xbt eval` on seed 0 (the on-off check)")
+    ap.add_argument("--parallel-seeds", action="store_true",
+                    help="train the seeds in one one-thread process each before the (reusing) comparison")
     ap.add_argument("--set", nargs="*", default=[], help="pipeline overrides (e.g. train.max_steps=4)")
     a = ap.parse_args(argv)
     setup_torch()
@@ -93,7 +122,8 @@ def main(argv=None) -> int:
     seconds["world"] = round(time.perf_counter() - t0, 1)
     _log(f"world ready ({seconds['world']} s); training OLD and NEW toy BLIPs")
     t = time.perf_counter()
-    base = train_bases(world, out / "models", a.epochs, a.batch_size, a.world_seed)
+    base = train_bases(world, out / "models", {"old": a.old_epochs or a.epochs, "new": a.epochs}, a.batch_size,
+                       a.world_seed)
     seconds["base_models"] = round(time.perf_counter() - t, 1)
     _log(f"base models: {base}")
     cfg = toy_run_config(world, out, overrides=a.set)
@@ -103,13 +133,16 @@ def main(argv=None) -> int:
     seconds["embed"] = round(time.perf_counter() - t, 1)
     _log(f"embedded ({seconds['embed']} s); seeds {a.seeds}")
     t = time.perf_counter()
+    if a.parallel_seeds:
+        train_seeds_parallel(cfg, a.seeds, out)
+        seconds["seeds_parallel"] = round(time.perf_counter() - t, 1)
     res = compare.run(cfg, a.seeds, ["xbt"], out, n_boot=a.boot or stats.DEFAULT_BOOT, world_seed=a.world_seed,
                       command=command)
     seconds["seeds"] = round(time.perf_counter() - t, 1)
     selfr = {s: self_recalls(out, a.seeds[0], s) for s in compare.SPLITS}
     seconds["total"] = round(time.perf_counter() - t0, 1)
     result = {"command": command, "world": {k: getattr(a, k) for k in ("world_seed", "n_train", "n_text", "n_eval",
-                                                                        "n_val", "epochs", "batch_size")},
+                                                                        "n_val", "epochs", "old_epochs", "batch_size")},
               "base_models": base, "self_recalls": selfr, "seconds": seconds, "set": a.set,
               "summary": compare._jsonable(res["summary"]), "meta": res["meta"]}
     md = [f"# Toy BLIP proof\n\n`{command}`\n", "Base models (same model for query and gallery):\n"]
