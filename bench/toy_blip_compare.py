@@ -75,6 +75,27 @@ def train_seeds_parallel(cfg, seeds: list[int], out: Path) -> None:
             _log(f"seed {f.result()} trained")
 
 
+def xbt_only(out: Path, seeds: list[int], world_seed: int, n_boot: int, command: str, t0: float) -> dict:
+    """compare.run's statistics for old/old, new/old, phi/old and xbt/old only, from the gallery views
+    the seed workers cached (no cheap baselines, no per-query timing: minutes less on the loaded machine)."""
+    from bench import compare
+    from xbt_dist.eval import stats
+    per_seed = []
+    for seed in seeds:
+        ranks = {}
+        for split in compare.SPLITS:
+            g = torch.load(out / f"seed{seed}" / "methods" / "xbt" / f"views_{split}.pt", weights_only=True)
+            v, c2i = g["views"], g["c2i"]
+            ranks[split] = {name: stats.per_query_ranks(v[q], v["old"], c2i)
+                            for name, q in (("old/old", "old"), ("new/old", "new"), ("phi", "phi"), ("xbt", "xbt"))}
+            ranks[split]["_c2i"] = c2i
+        per_seed.append({"seed": seed, "ranks": ranks, "info": {}})
+    summary = compare.summarize(per_seed, n_boot=n_boot)
+    meta = {"seeds": seeds, "world_seed": world_seed, "methods": ["xbt"], "n_boot": n_boot, "alpha": None,
+            "wall_s": time.perf_counter() - t0, "command": command, "baselines": False}
+    return {"summary": summary, "meta": meta, "markdown": compare.markdown(summary, meta)}
+
+
 def self_recalls(out: Path, seed: int, split: str, ks=(1, 5, 10)) -> dict:
     """old/old and new/new recalls of the base models on a split's gallery (views cached by compare)."""
     from xbt_dist.eval import stats
@@ -105,6 +126,8 @@ def main(argv=None) -> int:
     ap.add_argument("--on-off", action="store_true", help="also run `xbt eval` on seed 0 (the on-off check)")
     ap.add_argument("--parallel-seeds", action="store_true",
                     help="train the seeds in one one-thread process each before the (reusing) comparison")
+    ap.add_argument("--no-baselines", action="store_true",
+                    help="with --parallel-seeds: only old/old, new/old, phi/old, xbt/old (no cheap baselines)")
     ap.add_argument("--set", nargs="*", default=[], help="pipeline overrides (e.g. train.max_steps=4)")
     a = ap.parse_args(argv)
     setup_torch()
@@ -136,8 +159,11 @@ def main(argv=None) -> int:
     if a.parallel_seeds:
         train_seeds_parallel(cfg, a.seeds, out)
         seconds["seeds_parallel"] = round(time.perf_counter() - t, 1)
-    res = compare.run(cfg, a.seeds, ["xbt"], out, n_boot=a.boot or stats.DEFAULT_BOOT, world_seed=a.world_seed,
-                      command=command)
+    if a.parallel_seeds and a.no_baselines:
+        res = xbt_only(out, a.seeds, a.world_seed, a.boot or stats.DEFAULT_BOOT, command, t)
+    else:
+        res = compare.run(cfg, a.seeds, ["xbt"], out, n_boot=a.boot or stats.DEFAULT_BOOT,
+                          world_seed=a.world_seed, command=command)
     seconds["seeds"] = round(time.perf_counter() - t, 1)
     selfr = {s: self_recalls(out, a.seeds[0], s) for s in compare.SPLITS}
     seconds["total"] = round(time.perf_counter() - t0, 1)
