@@ -30,9 +30,9 @@ SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 # trained from scratch it leaves the post-LN text encoder's attention uniform and its value path ~2% of
 # the residual, so the [CLS] state that ITC pools is the same vector for every caption (mean pairwise
 # cosine 1.000 at init, measured on the toy captions), and the first steps collapse both towers to a
-# constant (ITC loss stuck at ln batch). 0.2 gives distinct [CLS] states at init (mean cosine ~0.6, like
-# the toy CLIP's EOT features): on a 256-pair overfit, ITC loss after 300 steps 0.29 vs 2.14 with 0.02
-# (toy CLIP 0.09); 0.1 was in between (3.34 vs 2.32 at 100 steps). docs/RESULTS.md, "BLIP family".
+# constant (ITC loss stuck at ln batch). 0.2 gives distinct [CLS] states at init (mean cosine ~0.6; the
+# toy CLIP's EOT features ~0.5): on a 256-pair overfit, ITC loss after 300 steps 0.29 vs 2.14 with 0.02
+# (toy CLIP 0.09); 0.1 was worse than 0.2 (3.34 vs 2.32 at 100 steps). docs/RESULTS.md, "BLIP family".
 TOY_INIT_RANGE = 0.2
 
 
