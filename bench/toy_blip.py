@@ -5,7 +5,8 @@ with the `hf_blip` backend; the compatibility cases, the Eqn-1 verdict and the o
     python -m bench.toy_blip --out runs/toy_blip --seed 0            # the toy world's default sizes
     python -m bench.toy_blip --out /tmp/tb --quick                   # a smoke run (minutes)
 
-Writes `<out>/toy_blip.json` and `.md` (bench/common.write_result).
+Writes `<out>/toy_blip.json` and `.md` (bench/common.write_result). One seed, no intervals: the proof over
+seeds with bench/compare.py's statistics is `python -m bench.toy_blip_compare`.
 """
 
 from __future__ import annotations

@@ -25,6 +25,16 @@ from xbt_dist.toy.base_clip import _lr_at, clip_loss, contrastive_adamw, load_sp
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
+# Weight init std of every Linear/Conv/Embedding (BlipConfig.initializer_range, which BLIP's _init_weights
+# reads for both towers). transformers' 0.02 is BERT's value for 768-wide layers; in a 64-128-wide tower
+# trained from scratch it leaves the post-LN text encoder's attention uniform and its value path ~2% of
+# the residual, so the [CLS] state that ITC pools is the same vector for every caption (mean pairwise
+# cosine 1.000 at init, measured on the toy captions), and the first steps collapse both towers to a
+# constant (ITC loss stuck at ln batch). 0.2 gives distinct [CLS] states at init (mean cosine ~0.6; the
+# toy CLIP's EOT features ~0.5): on a 256-pair overfit, ITC loss after 300 steps 0.29 vs 2.14 with 0.02
+# (toy CLIP 0.09); 0.1 was worse than 0.2 (3.34 vs 2.32 at 100 steps). docs/RESULTS.md, "BLIP family".
+TOY_INIT_RANGE = 0.2
+
 
 def write_vocab(path: Path, captions: list[list[str]]) -> Path:
     """A BERT vocab: specials, the toy world's words, and letters/digits (+ ## pieces) for anything else."""
@@ -46,8 +56,9 @@ def blip_config(role: str, vocab_size: int, image_size: int, context_length: int
                            initializer_range=0.02),     # BlipVisionConfig defaults to 1e-10: a dead tower from scratch
         text_config=dict(vocab_size=vocab_size, hidden_size=tw, intermediate_size=4 * tw, num_hidden_layers=tl,
                          num_attention_heads=tw // 32, max_position_embeddings=max(64, context_length),
-                         encoder_hidden_size=vw, is_decoder=False, pad_token_id=0, bos_token_id=2, sep_token_id=3),
-        image_text_hidden_size=d)
+                         encoder_hidden_size=vw, is_decoder=False, pad_token_id=0, bos_token_id=2, sep_token_id=3,
+                         initializer_range=TOY_INIT_RANGE),
+        image_text_hidden_size=d, initializer_range=TOY_INIT_RANGE)
 
 
 def train_blip(role: str, out_dir: str | Path, data: tuple, *, image_size: int = 64, context_length: int = 32,
@@ -108,11 +119,11 @@ def model_ref(model_dir: str | Path, context_length: int = 32) -> ModelRef:
 
 
 def train_toy_blips(world: dict, out_dir: str | Path, epochs: int = 4, batch_size: int = 128, seed: int = 0,
-                    context_length: int = 32) -> dict:
+                    context_length: int = 32, roles: tuple[str, ...] = ("old", "new"), threads: int = 2) -> dict:
     """Train OLD then NEW toy BLIPs on the world's train/ split (skipping finished ones)."""
     out_dir = Path(out_dir)
     data, summaries = None, {}
-    for role in ("old", "new"):
+    for role in roles:
         d = out_dir / f"toy-blip-{role}"
         meta = d / "train.json"
         if meta.is_file():
@@ -121,7 +132,7 @@ def train_toy_blips(world: dict, out_dir: str | Path, epochs: int = 4, batch_siz
         if data is None:
             data = load_split(world["train"])
         s = train_blip(role, d, data, image_size=int(data[0].shape[-1]), context_length=context_length,
-                       epochs=epochs, batch_size=batch_size, seed=seed)
+                       epochs=epochs, batch_size=batch_size, seed=seed, threads=threads)
         meta.write_text(json.dumps(s, indent=2) + "\n")
         summaries[role] = s
     return summaries
