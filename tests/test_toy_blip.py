@@ -41,8 +41,8 @@ def test_train_blip_saves_the_trained_model_and_learns(tmp_path):
     from xbt_dist.toy.base_blip import blip_config
     from xbt_dist.toy.base_clip import clip_loss, normalize_images
     torch.manual_seed(0)
-    fresh = BlipDualEncoder(BlipForImageTextRetrieval(blip_config("old", b.model.config.text_config.vocab_size, 16, 12)),
-                            0, 12).eval()
+    vocab = b.model.config.text_config.vocab_size
+    fresh = BlipDualEncoder(BlipForImageTextRetrieval(blip_config("old", vocab, 16, 12)), 0, 12).eval()
     tokens = b.tokenizer([c[0] for c in caps])
 
     def loss(m):
