@@ -239,11 +239,27 @@ def summarize(per_seed: list[dict], ks=(1, 5, 10), n_boot: int = stats.DEFAULT_B
                 gains[f"{d} lost@1"] = stats.mean_std(lost)
             infos = [s["info"].get(name, {}) for s in per_seed]
             rows[name] = {"recalls": rec, "gain": gains, "seeds": [s["seed"] for s in per_seed],
+                          "xbt_minus": _xbt_minus(per_seed, split, name, c2i, n_boot),
                           "params": infos[0].get("params"),
                           "train_s": stats.mean_std([i.get("train_s") or 0.0 for i in infos]),
                           "query_us": stats.mean_std([i.get("query_us") or 0.0 for i in infos]),
                           **({"alpha": [i.get("alpha") for i in infos]} if name == "fusion" else {})}
         out[split] = rows
+    return out
+
+
+def _xbt_minus(per_seed: list[dict], split: str, name: str, c2i, n_boot: int) -> dict | None:
+    """XBT's seed-averaged hits minus `name`'s on the same queries: a paired interval per direction
+    and K, so that "XBT beats method M" is read off one interval instead of two overlapping ones."""
+    if "xbt" not in per_seed[0]["ranks"][split] or name in ("xbt", "old/old"):
+        return None
+    out = {}
+    for d in ("t2i", "i2t"):
+        for k in (1, 5):
+            avg = {m: np.mean([np.asarray(s["ranks"][split][m][d]) < k for s in per_seed], axis=0)
+                   for m in ("xbt", name)}
+            out[f"{d} R@{k}"] = stats.paired_bootstrap(avg["xbt"], avg[name], n_boot=n_boot,
+                                                       groups=c2i if d == "t2i" else None)
     return out
 
 
@@ -275,6 +291,11 @@ def markdown(summary: dict, meta: dict) -> str:
             ok = all(x["lo"] > 0 for x in v.values())
             parts.append(f"XBT verdict on {split} (R@5 gain over old/old, interval lower bound > 0 in both "
                          f"directions): **{'met' if ok else 'not met'}**; t2i {_iv(v['t2i'])}, i2t {_iv(v['i2t'])}")
+            pair = [[LABELS.get(n, n)] + [_iv(r["xbt_minus"][c]) for c in ("t2i R@1", "t2i R@5", "i2t R@1", "i2t R@5")]
+                    for n, r in summary[split].items() if r.get("xbt_minus")]
+            parts.append(f"XBT minus each method on {split} (paired: the same queries, seed-averaged hits; "
+                         "95% bootstrap interval; above zero = XBT better)\n\n"
+                         + md_table(["method", "t2i R@1", "t2i R@5", "i2t R@1", "i2t R@5"], pair))
     parts.append(f"Seeds {meta['seeds']} (training seeds on world seed {meta['world_seed']}); "
                  f"{meta['n_boot']} bootstrap resamples; fusion alpha (chosen on val): {meta.get('alpha')}; "
                  f"wall {meta['wall_s']:.0f} s; command: `{meta['command']}`")

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from bench import compare
 from xbt_dist.pipeline import embed_for_config
 
@@ -23,8 +25,15 @@ def test_compare_tiny_world(tiny, tiny_cfg, tmp_path):
         assert rows["fusion"]["params"] == 0 and rows["fusion"]["query_us"]["mean"] > 0
         # old/old against itself: no gain, no flips
         assert rows["old/old"]["gain"]["t2i R@1"]["gain"] == 0.0
+        # XBT minus a method, paired on the same queries: the difference of their gains over old/old
+        assert rows["xbt"]["xbt_minus"] is None and rows["old/old"]["xbt_minus"] is None
+        for name in ("phi", "residual", "new/old"):
+            for c in ("t2i R@5", "i2t R@1"):
+                d = rows[name]["xbt_minus"][c]
+                assert d["lo"] <= d["gain"] <= d["hi"]
+                assert d["gain"] == pytest.approx(x["gain"][c]["gain"] - rows[name]["gain"][c]["gain"], abs=1e-12)
     md = (tmp_path / "cmp" / "compare.md").read_text()
-    assert "OLD ENCODER AT QUERY TIME" in md and "XBT verdict on test" in md
+    assert "OLD ENCODER AT QUERY TIME" in md and "XBT verdict on test" in md and "XBT minus each method on val" in md
     meta = json.loads((tmp_path / "cmp" / "compare.json").read_text())["meta"]
     assert meta["seeds"] == [0, 1] and len(meta["alpha"]) == 2
 
