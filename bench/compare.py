@@ -233,8 +233,8 @@ def summarize(per_seed: list[dict], ks=(1, 5, 10), n_boot: int = stats.DEFAULT_B
                 groups = c2i if d == "t2i" else None
                 hr = np.asarray(ref[d])
                 for k in (1, 5):
-                    hits = np.mean([np.asarray(r[d]) < k for r in rs], axis=0)   # seed-averaged, per query
-                    gains[f"{d} R@{k}"] = stats.paired_bootstrap(hits, hr < k, groups=groups, n_boot=n_boot)
+                    gains[f"{d} R@{k}"] = stats.paired_bootstrap(_seed_hits(per_seed, split, name, d, k), hr < k,
+                                                                 groups=groups, n_boot=n_boot)
                 lost = [stats.flip_rates(np.asarray(r[d]) < 1, hr < 1)["lost"] for r in rs]
                 gains[f"{d} lost@1"] = stats.mean_std(lost)
             infos = [s["info"].get(name, {}) for s in per_seed]
@@ -248,19 +248,20 @@ def summarize(per_seed: list[dict], ks=(1, 5, 10), n_boot: int = stats.DEFAULT_B
     return out
 
 
+def _seed_hits(per_seed: list[dict], split: str, name: str, d: str, k: int) -> np.ndarray:
+    """Per query of direction `d`: the share of training seeds whose `name` query hits at K."""
+    return np.mean([np.asarray(s["ranks"][split][name][d]) < k for s in per_seed], axis=0)
+
+
 def _xbt_minus(per_seed: list[dict], split: str, name: str, c2i, n_boot: int) -> dict | None:
     """XBT's seed-averaged hits minus `name`'s on the same queries: a paired interval per direction
     and K, so that "XBT beats method M" is read off one interval instead of two overlapping ones."""
     if "xbt" not in per_seed[0]["ranks"][split] or name in ("xbt", "old/old"):
         return None
-    out = {}
-    for d in ("t2i", "i2t"):
-        for k in (1, 5):
-            avg = {m: np.mean([np.asarray(s["ranks"][split][m][d]) < k for s in per_seed], axis=0)
-                   for m in ("xbt", name)}
-            out[f"{d} R@{k}"] = stats.paired_bootstrap(avg["xbt"], avg[name], n_boot=n_boot,
-                                                       groups=c2i if d == "t2i" else None)
-    return out
+    return {f"{d} R@{k}": stats.paired_bootstrap(_seed_hits(per_seed, split, "xbt", d, k),
+                                                 _seed_hits(per_seed, split, name, d, k), n_boot=n_boot,
+                                                 groups=c2i if d == "t2i" else None)
+            for d in ("t2i", "i2t") for k in (1, 5)}
 
 
 def _iv(g: dict) -> str:

@@ -75,7 +75,13 @@ def train_seeds_parallel(cfg, seeds: list[int], out: Path) -> None:
             _log(f"seed {f.result()} trained")
 
 
-def xbt_only(out: Path, seeds: list[int], world_seed: int, n_boot: int, command: str, t0: float) -> dict:
+def _views(cfg, out: Path, seed: int, split: str) -> dict:
+    """A seed's XBT gallery views of a split: bench.compare's cache (computed once, by the seed worker)."""
+    from bench import compare
+    return compare.gallery(compare.method_config(compare.seed_config(cfg, seed, out), "xbt"), split)
+
+
+def xbt_only(cfg, out: Path, seeds: list[int], world_seed: int, n_boot: int, command: str, t0: float) -> dict:
     """compare.run's statistics for old/old, new/old, phi/old and xbt/old only, from the gallery views
     the seed workers cached (no cheap baselines, no per-query timing: minutes less on the loaded machine)."""
     from bench import compare
@@ -84,7 +90,7 @@ def xbt_only(out: Path, seeds: list[int], world_seed: int, n_boot: int, command:
     for seed in seeds:
         ranks = {}
         for split in compare.SPLITS:
-            g = torch.load(out / f"seed{seed}" / "methods" / "xbt" / f"views_{split}.pt", weights_only=True)
+            g = _views(cfg, out, seed, split)
             v, c2i = g["views"], g["c2i"]
             ranks[split] = {name: stats.per_query_ranks(v[q], v["old"], c2i)
                             for name, q in (("old/old", "old"), ("new/old", "new"), ("phi", "phi"), ("xbt", "xbt"))}
@@ -96,10 +102,10 @@ def xbt_only(out: Path, seeds: list[int], world_seed: int, n_boot: int, command:
     return {"summary": summary, "meta": meta, "markdown": compare.markdown(summary, meta)}
 
 
-def self_recalls(out: Path, seed: int, split: str, ks=(1, 5, 10)) -> dict:
+def self_recalls(cfg, out: Path, seed: int, split: str, ks=(1, 5, 10)) -> dict:
     """old/old and new/new recalls of the base models on a split's gallery (views cached by compare)."""
     from xbt_dist.eval import stats
-    g = torch.load(out / f"seed{seed}" / "methods" / "xbt" / f"views_{split}.pt", weights_only=True)
+    g = _views(cfg, out, seed, split)
     c2i = g["c2i"]
     res = {}
     for v in ("old", "new"):
@@ -160,12 +166,12 @@ def main(argv=None) -> int:
         train_seeds_parallel(cfg, a.seeds, out)
         seconds["seeds_parallel"] = round(time.perf_counter() - t, 1)
     if a.parallel_seeds and a.no_baselines:
-        res = xbt_only(out, a.seeds, a.world_seed, a.boot or stats.DEFAULT_BOOT, command, t)
+        res = xbt_only(cfg, out, a.seeds, a.world_seed, a.boot or stats.DEFAULT_BOOT, command, t)
     else:
         res = compare.run(cfg, a.seeds, ["xbt"], out, n_boot=a.boot or stats.DEFAULT_BOOT,
                           world_seed=a.world_seed, command=command)
     seconds["seeds"] = round(time.perf_counter() - t, 1)
-    selfr = {s: self_recalls(out, a.seeds[0], s) for s in compare.SPLITS}
+    selfr = {s: self_recalls(cfg, out, a.seeds[0], s) for s in compare.SPLITS}
     seconds["total"] = round(time.perf_counter() - t0, 1)
     result = {"command": command, "world": {k: getattr(a, k) for k in ("world_seed", "n_train", "n_text", "n_eval",
                                                                         "n_val", "epochs", "old_epochs", "batch_size")},

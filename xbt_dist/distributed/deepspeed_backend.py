@@ -142,8 +142,9 @@ def prepare_zero3(module: nn.Module) -> tuple[int, int]:
     """Make a model with non-forward parameter reads safe under ZeRO-3; returns (leaves, external).
 
     1. Attention modules (and xbt's LayerNormDelta) become ZeRO-3 *leaf* modules: all their
-       parameters (including children's) are fetched at the attention forward. Cost: one attention block's weights live unsharded
-       during its forward, which is what a forward needs anyway.
+       parameters (including children's) are fetched at the attention forward. Cost: one
+       attention block's weights live unsharded during its forward, which is what a forward
+       needs anyway.
     2. Direct parameters of container modules (modules with both own params and children, e.g.
        CLIP's `text_projection`, `positional_embedding`, `logit_scale`, ViT class/pos embeddings,
        soft prompts held next to the towers) are registered as *external* parameters of the root,
