@@ -220,5 +220,5 @@ def link_stage1_phi(out_dir: str, phi_dir: str) -> None:
     `out_dir/phi` a link to `phi_dir` (kept if it is already there)."""
     link = Path(out_dir) / "phi"
     link.parent.mkdir(parents=True, exist_ok=True)
-    if not link.exists():
+    if not link.is_symlink() and not link.exists():    # a link made before phi was trained dangles until then
         os.symlink(Path(phi_dir).resolve(), link)

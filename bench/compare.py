@@ -70,10 +70,13 @@ def seed_config(base: RunConfig, seed: int, out: Path) -> RunConfig:
     return cfg
 
 
-def method_config(cfg: RunConfig, method: str) -> RunConfig:
-    """The method's own run dir under the seed dir, reading the seed's stage-1 phi."""
+def method_config(cfg: RunConfig, method: str, extra: list[str] = ()) -> RunConfig:
+    """The method's own run dir under the seed dir, reading the seed's stage-1 phi. `extra` overrides
+    come after the method's own (TRAINED): `--set` reaches every method but cannot change what a method
+    pins (Full-tune's lr), `--method-set full_tune:train.optim.lr=4e-4` can."""
     from xbt_dist.config import apply_overrides, from_dict, to_dict
-    c = from_dict(RunConfig, apply_overrides(to_dict(cfg), TRAINED.get(method, [f"train.method={method}"])))
+    ov = TRAINED.get(method, [f"train.method={method}"]) + list(extra)
+    c = from_dict(RunConfig, apply_overrides(to_dict(cfg), ov))
     c.out_dir = f"{cfg.out_dir}/methods/{method}"
     link_stage1_phi(c.out_dir, cfg.stage_dir("phi"))
     return c
@@ -87,7 +90,19 @@ def _manifest_result(stage_dir: str) -> dict:
         return {}
 
 
-def ensure_trained(cfg: RunConfig, methods: list[str]) -> dict[str, RunConfig]:
+def parse_method_sets(specs: list[str]) -> dict[str, list[str]]:
+    """`METHOD:KEY=VALUE` strings -> {method: [KEY=VALUE, ...]}."""
+    out: dict[str, list[str]] = {}
+    for spec in specs:
+        method, sep, ov = spec.partition(":")
+        if not sep or "=" not in ov or not method:
+            raise ValueError(f"--method-set {spec!r}: expected METHOD:KEY=VALUE, e.g. full_tune:train.optim.lr=4e-4")
+        out.setdefault(method, []).append(ov)
+    return out
+
+
+def ensure_trained(cfg: RunConfig, methods: list[str],
+                   method_sets: dict[str, list[str]] | None = None) -> dict[str, RunConfig]:
     from xbt_dist.pipeline import run_stage
     from xbt_dist.train.stage1 import PHI_FILE, run_stage1
     from xbt_dist.train.stage2 import ADAPTERS_FILE, run_stage2
@@ -96,7 +111,7 @@ def ensure_trained(cfg: RunConfig, methods: list[str]) -> dict[str, RunConfig]:
         run_stage(run_stage1, cfg)
     out = {}
     for m in methods:
-        c = method_config(cfg, m)
+        c = method_config(cfg, m, (method_sets or {}).get(m, ()))
         if not (Path(c.stage_dir("train")) / ADAPTERS_FILE).is_file():
             _log(f"stage 2 {m}, seed {cfg.train.seed}")
             run_stage(run_stage2, c)
@@ -167,10 +182,10 @@ def _best_alpha(old: dict, phi: dict, c2i) -> float:
     return float(max(ALPHAS, key=score))
 
 
-def run_seed(cfg: RunConfig, out: Path, methods: list[str]) -> dict:
+def run_seed(cfg: RunConfig, out: Path, methods: list[str], method_sets: dict[str, list[str]] | None = None) -> dict:
     """Everything for one training seed: {split: {method: ranks}}, costs, params, alpha."""
     seed = cfg.train.seed
-    runs = ensure_trained(cfg, methods)
+    runs = ensure_trained(cfg, methods, method_sets)
     pairs = train_pairs(cfg, out)
     t_new, t_old = torch.cat([pairs["image_new"], pairs["text_new"]]), torch.cat([pairs["image_old"], pairs["text_old"]])
     maps = {"lsq": B.fit_least_squares(t_new, t_old), "procrustes": B.fit_procrustes(t_new, t_old),
@@ -299,7 +314,8 @@ def markdown(summary: dict, meta: dict) -> str:
                          + md_table(["method", "t2i R@1", "t2i R@5", "i2t R@1", "i2t R@5"], pair))
     parts.append(f"Seeds {meta['seeds']} (training seeds on world seed {meta['world_seed']}); "
                  f"{meta['n_boot']} bootstrap resamples; fusion alpha (chosen on val): {meta.get('alpha')}; "
-                 f"wall {meta['wall_s']:.0f} s; command: `{meta['command']}`")
+                 f"wall {meta['wall_s']:.0f} s; command: `{meta['command']}`"
+                 + "".join(f"; {m} also {' '.join(ov)}" for m, ov in (meta.get("method_sets") or {}).items()))
     return "\n\n".join(parts) + "\n"
 
 
@@ -308,11 +324,12 @@ def _jsonable(summary: dict) -> dict:
 
 
 def run(base: RunConfig, seeds: list[int], methods: list[str], out: Path, n_boot: int = stats.DEFAULT_BOOT,
-        world_seed: int = 0, command: str = "") -> dict:
+        world_seed: int = 0, command: str = "", method_sets: dict[str, list[str]] | None = None) -> dict:
     t0 = time.perf_counter()
-    per_seed = [run_seed(seed_config(base, s, out), out, methods) for s in seeds]
+    per_seed = [run_seed(seed_config(base, s, out), out, methods, method_sets) for s in seeds]
     summary = summarize(per_seed, n_boot=n_boot)
     meta = {"seeds": seeds, "world_seed": world_seed, "methods": methods, "n_boot": n_boot,
+            "method_sets": method_sets or {},
             "alpha": [p["info"]["fusion"]["alpha"] for p in per_seed], "wall_s": time.perf_counter() - t0,
             "command": command}
     md = markdown(summary, meta)
@@ -332,7 +349,13 @@ def main(argv=None) -> int:
     ap.add_argument("--md", help="also write the markdown here")
     ap.add_argument("--boot", type=int, default=stats.DEFAULT_BOOT)
     ap.add_argument("--set", nargs="*", default=[], help="overrides for every method (e.g. train.optim.lr=1e-3)")
+    ap.add_argument("--method-set", action="append", default=[], metavar="METHOD:KEY=VALUE",
+                    help="an override for one method, after its own (e.g. full_tune:train.optim.lr=4e-4); repeatable")
     args = ap.parse_args(argv)
+    try:
+        method_sets = parse_method_sets(args.method_set)
+    except ValueError as e:
+        ap.error(str(e))
     setup_torch()
     from xbt_dist.pipeline import embed_for_config, toy_run_config
     from xbt_dist.toy import ToyWorldConfig, build_toy_world
@@ -341,7 +364,8 @@ def main(argv=None) -> int:
     base = toy_run_config(world, out, overrides=args.set)
     embed_for_config(base)
     res = run(base, args.seeds, args.methods, out, n_boot=args.boot, world_seed=args.world_seed,
-              command="python -m bench.compare " + " ".join(sys.argv[1:] if argv is None else argv))
+              command="python -m bench.compare " + " ".join(sys.argv[1:] if argv is None else argv),
+              method_sets=method_sets)
     if args.md:
         Path(args.md).write_text(res["markdown"])
     print(res["markdown"])

@@ -76,3 +76,19 @@ def test_eval_on_the_val_split_writes_its_own_report(tiny, tiny_cfg):
     path = Path(res["paths"]["eval_json"])
     assert path.parent.name == "eval_val"
     assert json.loads(path.read_text())["meta"]["split"] == "val"
+
+
+def test_method_set_overrides_what_a_method_pins(tiny_cfg, tmp_path):
+    """`--set` reaches every method but Full-tune pins its own lr; `--method-set` comes after it."""
+    tiny_cfg.out_dir = str(tmp_path / "seed0")
+    tiny_cfg.train.optim.lr = 4e-3                     # what `--set train.optim.lr=4e-3` gives every method
+    assert compare.method_config(tiny_cfg, "full_tune").train.optim.lr == 1e-4
+    assert compare.method_config(tiny_cfg, "xbt").train.optim.lr == 4e-3
+    sets = compare.parse_method_sets(["full_tune:train.optim.lr=4e-4", "full_tune:train.epochs=3"])
+    assert sets == {"full_tune": ["train.optim.lr=4e-4", "train.epochs=3"]}
+    c = compare.method_config(tiny_cfg, "full_tune", sets["full_tune"])
+    assert (c.train.optim.lr, c.train.epochs, c.train.method) == (4e-4, 3, "full_tune")
+    with pytest.raises(ValueError, match="METHOD:KEY=VALUE"):
+        compare.parse_method_sets(["train.optim.lr=4e-4"])
+    with pytest.raises(SystemExit):                    # the CLI names the problem before building anything
+        compare.main(["--method-set", "full_tune", "--out", str(tmp_path / "x")])
