@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import link_stage1_phi
+from bench.common import TOY_FULL_TUNE_LR, link_stage1_phi
 from xbt_dist.config import RunConfig
 from xbt_dist.eval.ablation import ablation_table
 from xbt_dist.eval.compat import verdict
@@ -37,7 +37,7 @@ VARIANTS: dict[str, list[str]] = {
     "XBT": [],
     "Base (paper)": ["train.method=base"],
     "LoRA-only (paper)": ["train.method=lora_only"],
-    "Full-tune (paper)": ["train.method=full_tune", "train.optim.lr=1e-4"],
+    "Full-tune (paper)": ["train.method=full_tune", f"train.optim.lr={TOY_FULL_TUNE_LR}"],
     "XBT, old model online": ["train.method=xbt_old_online"],
     "LoRA-only, stored targets": ["train.method=lora_only_stored"],
     "Full-tune, stage-1 phi": ["train.method=full_tune_stage1", "train.optim.lr=1e-4"],

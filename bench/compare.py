@@ -1,6 +1,7 @@
 """The comparison users make: XBT, the paper's baselines and the cheap fixes, over seeds, with intervals.
 
     python -m bench.compare --world-seed 0 --seeds 0 1 2 --out runs/compare --md runs/compare/compare.md
+    python -m bench.compare --seeds 0 --methods full_tune --method-set full_tune:train.optim.lr=1e-3 --out runs/ft1e-3
 
 One toy world (`--world-seed`); per training seed s (`train.seed`, which seeds stage 1 and stage 2):
 stage-1 phi, then each trained method of `--methods` (xbt; base, lora_only, full_tune = the paper's
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import link_stage1_phi, setup_torch
+from bench.common import TOY_FULL_TUNE_LR, link_stage1_phi, setup_torch
 from xbt_dist.config import RunConfig
 from xbt_dist.eval import baselines as B
 from xbt_dist.eval import stats
@@ -44,7 +45,7 @@ TRAINED: dict[str, list[str]] = {          # method -> overrides (same data budg
     "xbt": [],
     "base": ["train.method=base"],
     "lora_only": ["train.method=lora_only"],
-    "full_tune": ["train.method=full_tune", "train.optim.lr=1e-4"],
+    "full_tune": ["train.method=full_tune", f"train.optim.lr={TOY_FULL_TUNE_LR}"],
     "xbt_synthetic": ["train.target_source=synthetic"],   # no stored old embeddings (docs/architecture.md, "Target sources")
 }
 LABELS = {

@@ -82,7 +82,7 @@ def test_method_set_overrides_what_a_method_pins(tiny_cfg, tmp_path):
     """`--set` reaches every method but Full-tune pins its own lr; `--method-set` comes after it."""
     tiny_cfg.out_dir = str(tmp_path / "seed0")
     tiny_cfg.train.optim.lr = 4e-3                     # what `--set train.optim.lr=4e-3` gives every method
-    assert compare.method_config(tiny_cfg, "full_tune").train.optim.lr == 1e-4
+    assert compare.method_config(tiny_cfg, "full_tune").train.optim.lr == 1e-3
     assert compare.method_config(tiny_cfg, "xbt").train.optim.lr == 4e-3
     sets = compare.parse_method_sets(["full_tune:train.optim.lr=4e-4", "full_tune:train.epochs=3"])
     assert sets == {"full_tune": ["train.optim.lr=4e-4", "train.epochs=3"]}

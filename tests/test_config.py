@@ -108,3 +108,10 @@ def test_cli_prints_one_line_for_a_malformed_recipe(tmp_path, capsys):
     assert main(["params", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{path}:3:5: invalid YAML" in err and "Traceback" not in err
+
+
+def test_toy_full_tune_recipe_uses_the_validation_chosen_lr():
+    """The recipe users run and the comparison bench's Full-tune row train at the same lr."""
+    from bench.common import TOY_FULL_TUNE_LR
+    c = load_config(RECIPES[0].parent / "toy_full_tune.yaml")
+    assert c.train.method == "full_tune" and c.train.optim.lr == float(TOY_FULL_TUNE_LR)
