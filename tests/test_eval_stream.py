@@ -178,9 +178,13 @@ def _cases(compat: dict) -> dict:
 def test_run_eval_equals_in_ram_path(tiny, tmp_path):
     """The streamed `run_eval` reproduces the in-RAM eval (bench.eval_stream.views_in_ram).
 
-    embed_dtype=float32: exactly today's recalls, verdict, zero-shot and on-off result.
-    embed_dtype=float16: exactly the recalls of today's views rounded to float16 (the tiny random
-    models put all embeddings within fp16 rounding of each other, so fp16 may differ from fp32).
+    The embeddings agree to float rounding (the two paths batch differently, and CPU kernels are not
+    batch-invariant to the last bit). The tiny random models put every embedding within rounding of
+    the others, so ranks on this set turn on those last bits. The recalls are therefore checked
+    exactly against the report of the streamed views themselves, and the views against the in-RAM
+    ones to 1e-6.
+    embed_dtype=float32: exactly the streamed views' recalls, verdict, zero-shot and on-off result.
+    embed_dtype=float16: exactly the recalls of the float32 views rounded to float16.
     """
     from bench.eval_stream import views_in_ram, write_eval_world, zero_shot_in_ram
     from xbt_dist.eval.evaluate import load_towers, run_eval
@@ -195,33 +199,41 @@ def test_run_eval_equals_in_ram_path(tiny, tmp_path):
     cfg.eval.zeroshot_shards = str(tmp_path / "zs")
     towers = load_towers(cfg)
     views, c2i = views_in_ram(towers, cfg.eval.eval_shards, batch_size=3)
-    ref = compatibility_report(views, c2i, ks=(1, 2, 5), verdict_ks=(1,))
     ref_zs = zero_shot_in_ram(towers, cfg.eval.zeroshot_shards, batch_size=3)
+    streamed = load_towers(cfg).stream(cfg.eval.eval_shards, cfg.eval, "retrieval", "eval set")
+    assert torch.equal(streamed.caption_to_image, c2i)
+    for v in ("old", "new", "phi", "xbt"):
+        for m in ("image", "text"):
+            assert streamed.views[v][m].dtype == torch.float32
+            assert torch.allclose(streamed.views[v][m], views[v][m], rtol=0, atol=1e-6), (v, m)
+    ref = compatibility_report(streamed.views, c2i, ks=(1, 2, 5), verdict_ks=(1,))
 
     res = run_eval(cfg)
     assert res["compat"]["eval_set"]["n_images"] == len(views["old"]["image"])
     assert res["compat"]["eval_set"]["skipped"] == {"missing_caption": 2, "bad_image": 1}
     assert _cases(res["compat"]) == _cases(ref)
     assert res["compat"]["verdict"] == ref["verdict"]
-    assert res["compat"]["on_off"] == ref["on_off"] == {"equal": True, "max_abs_diff": 0.0}
-    assert res["zero_shot"] == ref_zs
+    ram = compatibility_report(views, c2i, ks=(1, 2, 5), verdict_ks=(1,))   # carries the on-off check
+    assert res["compat"]["on_off"] == ram["on_off"] == {"equal": True, "max_abs_diff": 0.0}
+    assert res["zero_shot"].keys() == ref_zs.keys()
+    for case, r in res["zero_shot"].items():
+        assert r == pytest.approx(ref_zs[case], abs=1e-6), case
     assert set(res["compat"]["cases"]) == {"old/old", "new/old", "phi/old", "xbt/old",
                                             "new/new", "xbt/xbt"}
     md = Path(res["paths"]["report_md"]).read_text()
     assert "On-off check" in md and "**pass**" in md
 
-    # float16 (opt-in, half the memory): the kept rows are today's rounded to fp16, in order,
-    # and ranking them gives exactly the recalls of today's views rounded the same way
+    # float16 (opt-in, half the memory): the kept rows are the float32 ones rounded to fp16, in order,
+    # and ranking them gives exactly the recalls of those views rounded the same way
     cfg.eval.embed_dtype = "float16"
-    streamed = load_towers(cfg).stream(cfg.eval.eval_shards, cfg.eval, "retrieval", "eval set")
-    assert torch.equal(streamed.caption_to_image, c2i)
+    s16 = load_towers(cfg).stream(cfg.eval.eval_shards, cfg.eval, "retrieval", "eval set")
+    assert torch.equal(s16.caption_to_image, c2i)
     for v in ("old", "new", "phi", "xbt"):
         for m in ("image", "text"):
-            assert streamed.views[v][m].dtype == torch.float16
-            assert torch.allclose(streamed.views[v][m].float(), views[v][m], rtol=0,
-                                  atol=1e-3), (v, m)
+            assert s16.views[v][m].dtype == torch.float16
+            assert torch.equal(s16.views[v][m], streamed.views[v][m].half()), (v, m)
     ref16 = compatibility_report({v: {m: x.half() for m, x in mods.items()}
-                                  for v, mods in views.items()}, c2i, ks=(1, 2, 5),
+                                  for v, mods in streamed.views.items()}, c2i, ks=(1, 2, 5),
                                  verdict_ks=(1,))
     res16 = run_eval(cfg, out_dir=str(tmp_path / "eval16"))
     assert _cases(res16["compat"]) == _cases(ref16)

@@ -38,8 +38,8 @@ from xbt_dist.data.shards import (decode_caption, decode_image, decode_meta, ite
 log = logging.getLogger(__name__)
 
 MODES = ("retrieval", "zeroshot")
-# What is kept per embedding row (`eval.embed_dtype`). float32 (the default) gives exactly the
-# numbers of the in-RAM path. float16 halves the memory of a 1M-image eval (28 instead of 55 GB
+# What is kept per embedding row (`eval.embed_dtype`). float32 (the default) gives the in-RAM path's
+# embeddings to float rounding (CPU kernels are not batch-invariant to the last bit). float16 halves the memory of a 1M-image eval (28 instead of 55 GB
 # at B/32 -> L/14), but its rounding (about 5e-4 relative per component) reorders items whose
 # scores differ by less than that: on the small toy run (near-untrained encoders) it moved some
 # recalls in the third decimal (docs/PERFORMANCE.md), so it is an opt-in, not the default.
