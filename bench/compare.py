@@ -1,7 +1,7 @@
 """The comparison users make: XBT, the paper's baselines and the cheap fixes, over seeds, with intervals.
 
     python -m bench.compare --world-seed 0 --seeds 0 1 2 --out runs/compare --md runs/compare/compare.md
-    python -m bench.compare --seeds 0 --methods full_tune --method-set full_tune:train.optim.lr=1e-3 --out runs/ft1e-3
+    python -m bench.compare --seeds 0 --methods full_tune --method-set full_tune:train.optim.lr=2e-3 --out runs/ft2e-3
 
 One toy world (`--world-seed`); per training seed s (`train.seed`, which seeds stage 1 and stage 2):
 stage-1 phi, then each trained method of `--methods` (xbt; base, lora_only, full_tune = the paper's

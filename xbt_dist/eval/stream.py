@@ -39,10 +39,11 @@ log = logging.getLogger(__name__)
 
 MODES = ("retrieval", "zeroshot")
 # What is kept per embedding row (`eval.embed_dtype`). float32 (the default) gives the in-RAM path's
-# embeddings to float rounding (CPU kernels are not batch-invariant to the last bit). float16 halves the memory of a 1M-image eval (28 instead of 55 GB
-# at B/32 -> L/14), but its rounding (about 5e-4 relative per component) reorders items whose
-# scores differ by less than that: on the small toy run (near-untrained encoders) it moved some
-# recalls in the third decimal (docs/PERFORMANCE.md), so it is an opt-in, not the default.
+# embeddings to float rounding (CPU kernels are not batch-invariant to the last bit). float16 halves
+# the memory of a 1M-image eval (28 instead of 55 GB at B/32 -> L/14), but its rounding (about 5e-4
+# relative per component) reorders items whose scores differ by less than that: on the small toy run
+# (near-untrained encoders) it moved some recalls in the third decimal (docs/PERFORMANCE.md), so it
+# is an opt-in, not the default.
 STORE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
