@@ -12,7 +12,11 @@
 - `phi_width`: phi's hidden width (the capacity between the 96-d new and the 64-d old space).
 
 Every point runs stage 1 (and stage 2 when it depends on the point) and evaluates on the validation
-AND the test gallery; rows are mean ± std over training seeds. Writes `<out>/<sweep>.json`,
+AND the test gallery; rows are mean ± std over training seeds. A point whose size is the default's
+(all captions, all pairs, the config's phi width) is the default run itself: every sweep reads it
+from `<out>/default/seed<k>`, so it trains once. Points already on disk are read, not rerun, so
+seeds can run as separate processes on one `--out` (`--threads 1` each) and a last process
+with all seeds writes the tables. Writes `<out>/<sweep>.json`,
 `<out>/<sweep>.md` and `<out>/<sweep>.png` (val and test panels).
 """
 
@@ -21,6 +25,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -54,9 +60,17 @@ def subset_embeddings(src: str, dst: Path, n: int) -> str:
                          "(ToyWorldConfig.n_text) or drop that size")
     fields = [f for f in emb.fields if f.startswith("text")]
     keys = emb.keys()[:n]
-    write_embedding_shard(dst, "shard-000000", keys, {f: np.asarray(emb.load(f))[:n] for f in fields},
+    # written aside and renamed into place: seeds running as parallel processes share the subset
+    tmp = dst.with_name(f"{dst.name}.tmp{os.getpid()}")
+    write_embedding_shard(tmp, "shard-000000", keys, {f: np.asarray(emb.load(f))[:n] for f in fields},
                           normalize=False)
-    write_embedding_manifest(dst, source=f"{src} (first {n} rows)", models={}, config={"fields": fields, "n": n})
+    write_embedding_manifest(tmp, source=f"{src} (first {n} rows)", models={}, config={"fields": fields, "n": n})
+    try:
+        os.rename(tmp, dst)
+    except OSError:
+        if not (dst / "manifest.json").is_file():
+            raise
+        shutil.rmtree(tmp)       # another process made the same subset first
     return str(dst)
 
 
@@ -85,16 +99,18 @@ def point_config(base: RunConfig, sweep: str, size: int, seed: int, out: Path, f
     cfg = copy.deepcopy(base)
     cfg.train.seed = seed
     cfg.out_dir = str(out / sweep / f"n{size}" / f"seed{seed}")
-    if sweep == "corpus":
+    if sweep not in SWEEPS:
+        raise ValueError(f"unknown sweep {sweep!r}; choose from {SWEEPS}")
+    if size == {"corpus": full["corpus"], "pairs": full["pairs"], "phi_width": base.phi.hidden}[sweep]:
+        cfg.out_dir = str(out / "default" / f"seed{seed}")     # the same run in every sweep: train it once
+    elif sweep == "corpus":
         cfg.stage1.embeddings = subset_embeddings(base.stage1.embeddings, out / sweep / f"emb{size}", size)
         cfg.stage1.epochs = base.stage1.epochs * full["corpus"] / size
     elif sweep == "pairs":
         cfg.train.train_shards = subset_shards(base.train.train_shards, size)
         cfg.train.epochs = base.train.epochs * full["pairs"] / size
-    elif sweep == "phi_width":
-        cfg.phi.hidden = size
     else:
-        raise ValueError(f"unknown sweep {sweep!r}; choose from {SWEEPS}")
+        cfg.phi.hidden = size
     return cfg
 
 
@@ -193,8 +209,11 @@ def main(argv=None) -> int:
     ap.add_argument("--world-seed", type=int, default=0)
     ap.add_argument("--out", default="runs/sweeps")
     ap.add_argument("--set", nargs="*", default=[])
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads (default: the benches' pinned count); 1 when seeds run "
+                         "as parallel processes")
     args = ap.parse_args(argv)
-    setup_torch()
+    setup_torch(*([args.threads] if args.threads else []))
     from xbt_dist.pipeline import embed_for_config, toy_run_config
     from xbt_dist.toy import ToyWorldConfig, build_toy_world
     out = Path(args.out)

@@ -42,3 +42,18 @@ def test_subset_shards_whole_shards_only(tmp_path):
         sweeps.subset_shards(str(d), 15)
     with pytest.raises(ValueError, match="larger toy world"):
         sweeps.subset_shards(str(d), 50)
+
+
+def test_default_sized_points_are_one_run_shared_by_every_sweep(tmp_path):
+    from xbt_dist.config import RunConfig
+    base = RunConfig()
+    full = {"corpus": 600, "pairs": 120}
+    dirs = {sweeps.point_config(base, sweep, size, 2, tmp_path, full).out_dir
+            for sweep, size in (("corpus", 600), ("pairs", 120), ("phi_width", base.phi.hidden))}
+    assert dirs == {str(tmp_path / "default" / "seed2")}
+    narrow = sweeps.point_config(base, "phi_width", base.phi.hidden // 2, 2, tmp_path, full)
+    assert narrow.out_dir == str(tmp_path / "phi_width" / f"n{base.phi.hidden // 2}" / "seed2")
+    assert narrow.phi.hidden == base.phi.hidden // 2 and base.phi.hidden != narrow.phi.hidden
+    assert narrow.train.seed == 2
+    with pytest.raises(ValueError, match="unknown sweep"):
+        sweeps.point_config(base, "depth", 3, 0, tmp_path, full)
