@@ -119,11 +119,13 @@ def run_point(cfg: RunConfig, splits=("val", "test")) -> dict:
     from xbt_dist.pipeline import run_stage
     from xbt_dist.train.stage1 import PHI_FILE, run_stage1
     from xbt_dist.train.stage2 import ADAPTERS_FILE, run_stage2
+    out = {"trained": []}
     if not (Path(cfg.stage_dir("phi")) / PHI_FILE).is_file():
         run_stage(run_stage1, cfg)
+        out["trained"].append("phi")
     if not (Path(cfg.stage_dir("train")) / ADAPTERS_FILE).is_file():
         run_stage(run_stage2, cfg)
-    out = {}
+        out["trained"].append("train")
     for split in splits:
         path = Path(cfg.stage_dir("eval" if split == "test" else "eval_val")) / "eval.json"
         res = json.loads(path.read_text()) if path.is_file() else run_eval(cfg, split=split)
@@ -192,7 +194,11 @@ def run(base: RunConfig, sweep: str, sizes: list[int], seeds: list[int], out: Pa
             results.setdefault(str(size), []).append(run_point(point_config(base, sweep, size, seed, out, full)))
     md = "\n\n".join(f"### {sweep}: {'validation' if s == 'val' else 'test'} gallery\n\n" + table(results, sweep, s)
                      for s in ("val", "test"))
-    md += f"\n\nSeeds {seeds}; wall {time.perf_counter() - t0:.0f} s; command: `{command}`\n"
+    points = [p for per_seed in results.values() for p in per_seed]
+    fresh = sum(bool(p["trained"]) for p in points)
+    # a sweep assembled from points trained by earlier processes says so: its wall is not their cost
+    md += (f"\n\nSeeds {seeds}; {fresh} of {len(points)} points trained by this process, the rest read from "
+           f"{out}; wall {time.perf_counter() - t0:.0f} s; command: `{command}`\n")
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{sweep}.md").write_text(md)
     (out / f"{sweep}.json").write_text(json.dumps({"sweep": sweep, "sizes": sizes, "seeds": seeds,
