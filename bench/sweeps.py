@@ -158,29 +158,41 @@ def table(results: dict, sweep: str, split: str) -> str:
 
 
 def plot(results: dict, sweep: str, path: Path) -> None:
+    """Recall@5 per gallery (val, test) and zero-shot top-1 (the paper's Table 7 reads zero-shot), each
+    point mean +- std over seeds; the legends sit below the panels so no curve hides behind one."""
     import matplotlib
     import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8), gridspec_kw={"width_ratios": [1, 1, 0.8]})
     sizes = sorted(int(s) for s in results)
-    for ax, split in zip(axes, ("val", "test")):
+    xlabel = {"corpus": "stage-1 captions", "pairs": "stage-2 training pairs", "phi_width": "phi hidden width"}[sweep]
+
+    def curve(ax, values, label, dashed):
+        ms = [stats.mean_std(v) for v in values]
+        ax.errorbar(sizes, [x["mean"] for x in ms], yerr=[x["std"] for x in ms], marker="o", capsize=3,
+                    label=label, linestyle="--" if dashed else "-")
+
+    for ax, split in zip(axes[:2], ("val", "test")):
         for m in METRICS:
-            ms = [stats.mean_std([_value(p, split, *m) for p in results[str(s)]]) for s in sizes]
-            ax.errorbar(sizes, [x["mean"] for x in ms], yerr=[x["std"] for x in ms], marker="o",
-                        label=" ".join(m), linestyle="--" if m[0] == "old/old" else "-")
+            curve(ax, [[_value(p, split, *m) for p in results[str(s)]] for s in sizes], " ".join(m), m[0] == "old/old")
+        ax.set_title(f"{split} gallery: Recall@5")
+    axes[1].sharey(axes[0])
+    for case in ZERO_SHOT:
+        curve(axes[2], [[_zs(p, "test", case) for p in results[str(s)]] for s in sizes], case, case == "old/old")
+    axes[2].set_title("zero-shot classification: top-1")
+    for ax in axes:
         ax.set_xscale("log")
         # the swept sizes as plain tick labels (log-scale minor labels overlap at these spans)
         ax.set_xticks(sizes, [f"{s:,}" for s in sizes])
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_xlabel({"corpus": "stage-1 captions", "pairs": "stage-2 training pairs",
-                       "phi_width": "phi hidden width"}[sweep])
-        ax.set_title(f"{split} gallery")
+        ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("Recall@5")
-    axes[1].legend(fontsize=7)
+    axes[0].legend(fontsize=7, ncol=3, loc="upper left", bbox_to_anchor=(0, -0.18))
+    axes[2].legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.18))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
