@@ -17,7 +17,7 @@ AND the test gallery; rows are mean ± std over training seeds. A point whose si
 from `<out>/default/seed<k>`, so it trains once. Points already on disk are read, not rerun, so
 seeds can run as separate processes on one `--out` (`--threads 1` each) and a last process
 with all seeds writes the tables. Writes `<out>/<sweep>.json`,
-`<out>/<sweep>.md` and `<out>/<sweep>.png` (val and test panels).
+`<out>/<sweep>.md` and `<out>/<sweep>.png` (val and test Recall@5 panels, a zero-shot top-1 panel).
 """
 
 from __future__ import annotations
