@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import setup_torch
+from bench.common import THREADS, setup_torch
 from xbt_dist.config import RunConfig
 from xbt_dist.eval import stats
 from xbt_dist.eval.report import md_table
@@ -227,11 +227,11 @@ def main(argv=None) -> int:
     ap.add_argument("--world-seed", type=int, default=0)
     ap.add_argument("--out", default="runs/sweeps")
     ap.add_argument("--set", nargs="*", default=[])
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch intra-op threads (default: the benches' pinned count); 1 when seeds run "
-                         "as parallel processes")
+    ap.add_argument("--threads", type=int, default=THREADS,
+                    help="torch intra-op threads (default: %(default)s, the benches' pinned count); 1 when "
+                         "seeds run as parallel processes")
     args = ap.parse_args(argv)
-    setup_torch(*([args.threads] if args.threads else []))
+    setup_torch(args.threads)
     from xbt_dist.pipeline import embed_for_config, toy_run_config
     from xbt_dist.toy import ToyWorldConfig, build_toy_world
     out = Path(args.out)
