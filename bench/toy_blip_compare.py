@@ -11,6 +11,10 @@ gallery of the validation and the test split by `bench.compare.run` (recalls mea
 paired bootstrap intervals of xbt/old - old/old, flip rates, the cheap baselines). Adds the base
 models' own new/new recalls and, with `--on-off`, the adapters-off == untouched-BLIP check of
 `xbt eval` on seed 0. Writes `<out>/compare.{json,md}` and `<out>/toy_blip_compare.{json,md}`.
+
+A variant of stage 2 (`--set ...`) on the same world can take OLD and NEW from an earlier run with
+`--base-from <its --out>` instead of training them again; they are copied and checked against this
+run's world and base-model recipe.
 """
 
 from __future__ import annotations
@@ -41,6 +45,26 @@ def _train_role(world: dict, models: str, role: str, epochs: int, batch_size: in
     with open(Path(models) / f"train_{role}.log", "a") as f, contextlib.redirect_stdout(f):
         return train_toy_blips(world, models, epochs=epochs, batch_size=batch_size, seed=seed,
                                roles=(role,), threads=1)[role]
+
+
+def copy_base_models(src: Path, models: Path) -> None:
+    """`--base-from`: copy an earlier run's finished OLD and NEW into `models` (absent ones only), so
+    a variant of stage 2 does not retrain them (28 min idle for 20 epochs on 8,000 pairs). A copy, not a
+    link: nothing this run does can touch the earlier run. `train_toy_blips` then checks that they were
+    trained on this world's split with the asked recipe, and raises if not."""
+    import shutil
+    for role in ("old", "new"):
+        s, d = src / f"toy-blip-{role}", models / f"toy-blip-{role}"
+        if not (s / "train.json").is_file():
+            raise ValueError(f"--base-from: {s} holds no finished toy BLIP (no train.json); pass the --out "
+                             "of a run whose base models finished")
+        if d.exists():
+            continue
+        tmp = d.with_name(d.name + ".copying")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(s, tmp)
+        tmp.rename(d)
+        _log(f"{role}: copied from {s}")
 
 
 def train_bases(world: dict, models: Path, epochs: dict[str, int], batch_size: int, seed: int) -> dict:
@@ -134,6 +158,9 @@ def main(argv=None) -> int:
                     help="train the seeds in one one-thread process each before the (reusing) comparison")
     ap.add_argument("--no-baselines", action="store_true",
                     help="with --parallel-seeds: only old/old, new/old, phi/old, xbt/old (no cheap baselines)")
+    ap.add_argument("--base-from", metavar="DIR",
+                    help="copy OLD and NEW from an earlier run's --out instead of training them (they must "
+                         "match this world and --epochs/--old-epochs/--batch-size, else an error)")
     ap.add_argument("--set", nargs="*", default=[], help="pipeline overrides (e.g. train.max_steps=4)")
     a = ap.parse_args(argv)
     setup_torch()
@@ -151,6 +178,8 @@ def main(argv=None) -> int:
     seconds["world"] = round(time.perf_counter() - t0, 1)
     _log(f"world ready ({seconds['world']} s); training OLD and NEW toy BLIPs")
     t = time.perf_counter()
+    if a.base_from:
+        copy_base_models(Path(a.base_from) / "models", out / "models")
     base = train_bases(world, out / "models", {"old": a.old_epochs or a.epochs, "new": a.epochs}, a.batch_size,
                        a.world_seed)
     seconds["base_models"] = round(time.perf_counter() - t, 1)

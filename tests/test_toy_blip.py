@@ -3,6 +3,7 @@ backend loads exactly the trained towers."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -93,3 +94,52 @@ def test_toy_blip_itc_loss_drops_within_a_few_steps(tmp_path):
     s = train_blip("old", tmp_path / "m", (images, caps), image_size=16, context_length=12, epochs=12,
                    batch_size=8, threads=1, log_every=1000)
     assert s["final_loss"] < 1.75, s
+
+
+def _finished_model(models, role, meta):
+    """A finished toy BLIP as train_toy_blips leaves it, as far as reuse reads it (its train.json)."""
+    d = models / f"toy-blip-{role}"
+    d.mkdir(parents=True)
+    (d / "train.json").write_text(json.dumps(meta))
+    return d
+
+
+def test_finished_toy_blips_are_reused_only_when_trained_as_asked(tmp_path):
+    """A run directory's base models are reused when split and recipe match; otherwise the call fails
+    and names the difference, rather than mixing a model trained otherwise with what is derived from it."""
+    from xbt_dist.artifacts import config_digest, write_manifest
+    from xbt_dist.toy.base_blip import train_config, train_toy_blips
+    write_manifest(tmp_path / "train", "image-text-shards", config={"split": "train", "n": 512}, counts={"samples": 512})
+    world = {"train": str(tmp_path / "train")}
+    want = train_config("old", world["train"], 20, 128, 0, 32)
+    _finished_model(tmp_path / "m", "old", {"steps": 80, "config": want, "config_digest": config_digest(want)})
+    s = train_toy_blips(world, tmp_path / "m", epochs=20, roles=("old",))
+    assert s["old"]["skipped"] and s["old"]["steps"] == 80
+    with pytest.raises(ValueError, match=r"epochs: 20 there, 6 asked.*another output directory"):
+        train_toy_blips(world, tmp_path / "m", epochs=6, roles=("old",))
+    # Another world (a different train split) is refused the same way.
+    write_manifest(tmp_path / "train", "image-text-shards", config={"split": "train", "n": 768}, counts={"samples": 768})
+    with pytest.raises(ValueError, match="train_data_digest"):
+        train_toy_blips(world, tmp_path / "m", epochs=20, roles=("old",))
+    # A model from before train.json held its config: its step count is checked (512 // 128 x epochs).
+    _finished_model(tmp_path / "legacy", "new", {"steps": 80})
+    write_manifest(tmp_path / "train", "image-text-shards", config={"split": "train", "n": 512}, counts={"samples": 512})
+    assert train_toy_blips(world, tmp_path / "legacy", epochs=20, roles=("new",))["new"]["skipped"]
+    with pytest.raises(ValueError, match="steps: 80 there, 24 asked"):
+        train_toy_blips(world, tmp_path / "legacy", epochs=6, roles=("new",))
+
+
+def test_base_from_copies_finished_models_and_leaves_the_source_alone(tmp_path):
+    from bench.toy_blip_compare import copy_base_models
+    src = tmp_path / "earlier" / "models"
+    for role in ("old", "new"):
+        (_finished_model(src, role, {"steps": 80}) / "model.safetensors").write_bytes(b"w" * 10)
+    copy_base_models(src, tmp_path / "now" / "models")
+    for role in ("old", "new"):
+        d = tmp_path / "now" / "models" / f"toy-blip-{role}"
+        assert not d.is_symlink() and (d / "model.safetensors").read_bytes() == b"w" * 10
+        (d / "model.safetensors").write_bytes(b"retrained")
+    assert (src / "toy-blip-old" / "model.safetensors").read_bytes() == b"w" * 10
+    (src / "toy-blip-new" / "train.json").unlink()
+    with pytest.raises(ValueError, match="no finished toy BLIP"):
+        copy_base_models(src, tmp_path / "third" / "models")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from xbt_dist.artifacts import atomic_write_text, config_digest, read_manifest
 from xbt_dist.config import ModelRef
 from xbt_dist.toy.base_clip import _lr_at, clip_loss, contrastive_adamw, load_split, normalize_images
 
@@ -118,21 +119,57 @@ def model_ref(model_dir: str | Path, context_length: int = 32) -> ModelRef:
     return ModelRef(Path(model_dir).name, pretrained=str(model_dir), backend="hf_blip", context_length=context_length)
 
 
+def train_config(role: str, train_dir: str | Path, epochs: int, batch_size: int, seed: int,
+                 context_length: int) -> dict:
+    """What a toy BLIP's weights depend on: the role's architecture, the train split (its manifest's
+    digest) and the recipe. Its digest, stored in train.json, decides whether a finished model is reused."""
+    return {"role": role, "train_data_digest": read_manifest(train_dir)["config_digest"], "epochs": epochs,
+            "batch_size": batch_size, "seed": seed, "context_length": context_length,
+            "init_range": TOY_INIT_RANGE}
+
+
+def _check_reusable(meta: dict, want: dict, model_dir: Path, n_train: int) -> None:
+    """Raise if the finished model in `model_dir` was trained otherwise than `want` asks. Everything
+    derived from it in the same run directory (embeddings, phi, stage 2) was made from that model, so a
+    silent retrain or a silent reuse would both mix two models: the fix is another directory."""
+    if "config_digest" in meta:
+        if meta["config_digest"] == config_digest(want):
+            return
+        have = meta.get("config", {})
+        diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+    else:
+        # Models trained before train.json recorded its config: their step count still tells the epochs.
+        steps = want["epochs"] * (n_train // want["batch_size"])
+        if meta.get("steps") == steps:
+            return
+        diff = {"steps": (meta.get("steps"), steps)}
+    what = ", ".join(f"{k}: {a!r} there, {b!r} asked" for k, (a, b) in diff.items())
+    raise ValueError(f"{model_dir} holds a toy BLIP trained otherwise than asked ({what}); the embeddings and runs "
+                     f"beside it were made from that model. Use another output directory, or delete {model_dir} "
+                     "and what was derived from it")
+
+
 def train_toy_blips(world: dict, out_dir: str | Path, epochs: int = 4, batch_size: int = 128, seed: int = 0,
                     context_length: int = 32, roles: tuple[str, ...] = ("old", "new"), threads: int = 2) -> dict:
-    """Train OLD then NEW toy BLIPs on the world's train/ split (skipping finished ones)."""
+    """Train OLD then NEW toy BLIPs on the world's train/ split; a finished one is reused when it was
+    trained on the same split with the same recipe, and a clear error is raised when it was not."""
     out_dir = Path(out_dir)
+    n_train = read_manifest(world["train"])["counts"]["samples"]
     data, summaries = None, {}
     for role in roles:
         d = out_dir / f"toy-blip-{role}"
         meta = d / "train.json"
+        want = train_config(role, world["train"], epochs, batch_size, seed, context_length)
         if meta.is_file():
-            summaries[role] = json.loads(meta.read_text())
+            s = json.loads(meta.read_text())
+            _check_reusable(s, want, d, n_train)
+            summaries[role] = {**s, "skipped": True}
             continue
         if data is None:
             data = load_split(world["train"])
         s = train_blip(role, d, data, image_size=int(data[0].shape[-1]), context_length=context_length,
                        epochs=epochs, batch_size=batch_size, seed=seed, threads=threads)
-        meta.write_text(json.dumps(s, indent=2) + "\n")
+        s.update(config=want, config_digest=config_digest(want))
+        atomic_write_text(meta, json.dumps(s, indent=2) + "\n")
         summaries[role] = s
     return summaries
