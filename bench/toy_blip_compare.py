@@ -12,6 +12,10 @@ paired bootstrap intervals of xbt/old - old/old, flip rates, the cheap baselines
 models' own new/new recalls and, with `--on-off`, the adapters-off == untouched-BLIP check of
 `xbt eval` on seed 0. Writes `<out>/compare.{json,md}` and `<out>/toy_blip_compare.{json,md}`.
 
+`--methods xbt base` also trains the paper's Base (XBT's trainables, phi from scratch, the OLD model
+run online) per seed, scored the same way and against XBT pairwise. A rerun on the same `--out`
+reuses every finished stage, so adding a method to a finished run trains only that method.
+
 A variant of stage 2 (`--set ...`) on the same world can take OLD and NEW from an earlier run with
 `--base-from <its --out>` instead of training them again; they are copied and checked against this
 run's world and base-model recipe.
@@ -74,40 +78,45 @@ def train_bases(world: dict, models: Path, epochs: dict[str, int], batch_size: i
         return {r: f.result() for r, f in futs.items()}
 
 
-def _seed_worker(cfg, seed: int, out: str) -> int:
-    """One training seed's stage 1 + stage 2 and its gallery views, on one thread (what compare.run reuses)."""
+def _seed_worker(cfg, seed: int, out: str, methods: list[str]) -> int:
+    """One training seed's stage 1 + each method's stage 2 and gallery views, on one thread (what
+    compare.run reuses)."""
     import contextlib
 
     from bench import compare
     torch.set_num_threads(1)
     with open(Path(out) / f"seed{seed}.log", "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
         c = compare.seed_config(cfg, seed, Path(out))
-        runs = compare.ensure_trained(c, ["xbt"])
+        runs = compare.ensure_trained(c, methods)
         for split in compare.SPLITS:
-            compare.gallery(runs["xbt"], split)
+            for run in runs.values():
+                compare.gallery(run, split)
     return seed
 
 
-def train_seeds_parallel(cfg, seeds: list[int], out: Path) -> None:
+def train_seeds_parallel(cfg, seeds: list[int], out: Path, methods: list[str]) -> None:
     """Every seed in its own one-thread process. On the shared, oversubscribed 2-core machine (load ~7)
     torch's two-thread kernels mostly wait on each other: stage 2 of one seed on two threads ran at
     20 samples/s, three one-thread seed processes minutes later at 45-62 samples/s each (an
     observation under a changing load, not a benchmark)."""
     out.mkdir(parents=True, exist_ok=True)
     with ProcessPoolExecutor(len(seeds), mp_context=get_context("spawn")) as ex:
-        for f in [ex.submit(_seed_worker, cfg, s, str(out)) for s in seeds]:
+        for f in [ex.submit(_seed_worker, cfg, s, str(out), methods) for s in seeds]:
             _log(f"seed {f.result()} trained")
 
 
-def _views(cfg, out: Path, seed: int, split: str) -> dict:
-    """A seed's XBT gallery views of a split: bench.compare's cache (computed once, by the seed worker)."""
+def _views(cfg, out: Path, seed: int, split: str, method: str = "xbt") -> dict:
+    """A seed's gallery views of a split for one method's run: bench.compare's cache (computed once,
+    by the seed worker)."""
     from bench import compare
-    return compare.gallery(compare.method_config(compare.seed_config(cfg, seed, out), "xbt"), split)
+    return compare.gallery(compare.method_config(compare.seed_config(cfg, seed, out), method), split)
 
 
-def xbt_only(cfg, out: Path, seeds: list[int], world_seed: int, n_boot: int, command: str, t0: float) -> dict:
-    """compare.run's statistics for old/old, new/old, phi/old and xbt/old only, from the gallery views
-    the seed workers cached (no cheap baselines, no per-query timing: minutes less on the loaded machine)."""
+def xbt_only(cfg, out: Path, seeds: list[int], world_seed: int, n_boot: int, command: str, t0: float,
+             methods: tuple[str, ...] = ("xbt",)) -> dict:
+    """compare.run's statistics for old/old, new/old, phi/old and each trained method's query/old
+    only, from the gallery views the seed workers cached (no cheap baselines, no per-query timing:
+    minutes less on the loaded machine)."""
     from bench import compare
     from xbt_dist.eval import stats
     per_seed = []
@@ -117,11 +126,13 @@ def xbt_only(cfg, out: Path, seeds: list[int], world_seed: int, n_boot: int, com
             g = _views(cfg, out, seed, split)
             v, c2i = g["views"], g["c2i"]
             ranks[split] = {name: stats.per_query_ranks(v[q], v["old"], c2i)
-                            for name, q in (("old/old", "old"), ("new/old", "new"), ("phi", "phi"), ("xbt", "xbt"))}
+                            for name, q in (("old/old", "old"), ("new/old", "new"), ("phi", "phi"))}
+            for m in methods:
+                ranks[split][m] = stats.per_query_ranks(_views(cfg, out, seed, split, m)["views"]["xbt"], v["old"], c2i)
             ranks[split]["_c2i"] = c2i
         per_seed.append({"seed": seed, "ranks": ranks, "info": {}})
     summary = compare.summarize(per_seed, n_boot=n_boot)
-    meta = {"seeds": seeds, "world_seed": world_seed, "methods": ["xbt"], "n_boot": n_boot, "alpha": None,
+    meta = {"seeds": seeds, "world_seed": world_seed, "methods": list(methods), "n_boot": n_boot, "alpha": None,
             "wall_s": time.perf_counter() - t0, "command": command, "baselines": False}
     return {"summary": summary, "meta": meta, "markdown": compare.markdown(summary, meta)}
 
@@ -158,11 +169,16 @@ def main(argv=None) -> int:
                     help="train the seeds in one one-thread process each before the (reusing) comparison")
     ap.add_argument("--no-baselines", action="store_true",
                     help="with --parallel-seeds: only old/old, new/old, phi/old, xbt/old (no cheap baselines)")
+    ap.add_argument("--methods", nargs="+", default=["xbt"],
+                    help="trained methods (bench.compare's: xbt, base, lora_only, full_tune, ...); xbt among them")
     ap.add_argument("--base-from", metavar="DIR",
                     help="copy OLD and NEW from an earlier run's --out instead of training them (they must "
                          "match this world and --epochs/--old-epochs/--batch-size, else an error)")
     ap.add_argument("--set", nargs="*", default=[], help="pipeline overrides (e.g. train.max_steps=4)")
     a = ap.parse_args(argv)
+    if "xbt" not in a.methods:
+        ap.error(f"--methods {' '.join(a.methods)}: add xbt (the criterion, the base models' own recalls and "
+                 "--on-off read its run)")
     setup_torch()
     from bench import compare
     from xbt_dist.eval import stats
@@ -192,12 +208,12 @@ def main(argv=None) -> int:
     _log(f"embedded ({seconds['embed']} s); seeds {a.seeds}")
     t = time.perf_counter()
     if a.parallel_seeds:
-        train_seeds_parallel(cfg, a.seeds, out)
+        train_seeds_parallel(cfg, a.seeds, out, a.methods)
         seconds["seeds_parallel"] = round(time.perf_counter() - t, 1)
     if a.parallel_seeds and a.no_baselines:
-        res = xbt_only(cfg, out, a.seeds, a.world_seed, a.boot or stats.DEFAULT_BOOT, command, t)
+        res = xbt_only(cfg, out, a.seeds, a.world_seed, a.boot or stats.DEFAULT_BOOT, command, t, tuple(a.methods))
     else:
-        res = compare.run(cfg, a.seeds, ["xbt"], out, n_boot=a.boot or stats.DEFAULT_BOOT,
+        res = compare.run(cfg, a.seeds, a.methods, out, n_boot=a.boot or stats.DEFAULT_BOOT,
                           world_seed=a.world_seed, command=command)
     seconds["seeds"] = round(time.perf_counter() - t, 1)
     selfr = {s: self_recalls(cfg, out, a.seeds[0], s) for s in compare.SPLITS}

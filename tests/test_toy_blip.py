@@ -143,3 +143,29 @@ def test_base_from_copies_finished_models_and_leaves_the_source_alone(tmp_path):
     (src / "toy-blip-new" / "train.json").unlink()
     with pytest.raises(ValueError, match="no finished toy BLIP"):
         copy_base_models(src, tmp_path / "third" / "models")
+
+
+def test_blip_harness_scores_each_trained_method_against_the_old_gallery(tmp_path):
+    """`bench.toy_blip_compare --methods xbt base`: each method's query view is scored against the OLD
+    gallery from the views its seed worker cached, and XBT is compared with it pairwise."""
+    from bench.toy_blip_compare import xbt_only
+    from xbt_dist.config import RunConfig
+    n, d = 40, 8
+    g = torch.Generator().manual_seed(0)
+    old = {"image": torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)}
+    old["text"] = old["image"].clone()                         # caption i describes image i
+    noise = lambda s: torch.nn.functional.normalize(torch.randn(n, d, generator=g) * s, dim=1)   # noqa: E731
+    for seed in (0, 1):
+        for method, view in (("xbt", {k: v for k, v in old.items()}), ("base", {k: noise(1.0) for k in old})):
+            run = tmp_path / f"seed{seed}" / "methods" / method
+            run.mkdir(parents=True)
+            views = {"old": old, "new": {k: noise(1.0) for k in old}, "phi": {k: noise(1.0) for k in old}, "xbt": view}
+            for split in ("val", "test"):
+                torch.save({"views": views, "c2i": torch.arange(n)}, run / f"views_{split}.pt")
+    res = xbt_only(RunConfig(), tmp_path, [0, 1], 0, 200, "cmd", 0.0, ("xbt", "base"))
+    for split in ("val", "test"):
+        s = res["summary"][split]
+        assert s["xbt"]["recalls"]["t2i R@1"] == [1.0, 1.0]            # XBT's view is the old gallery's own
+        assert max(s["base"]["recalls"]["t2i R@1"]) < 0.5              # Base's is noise
+        assert s["base"]["xbt_minus"]["t2i R@1"]["lo"] > 0
+    assert "Base (paper)" in res["markdown"] and res["meta"]["methods"] == ["xbt", "base"]
