@@ -168,7 +168,8 @@ def main(argv=None) -> int:
     ap.add_argument("--parallel-seeds", action="store_true",
                     help="train the seeds in one one-thread process each before the (reusing) comparison")
     ap.add_argument("--no-baselines", action="store_true",
-                    help="with --parallel-seeds: only old/old, new/old, phi/old, xbt/old (no cheap baselines)")
+                    help="with --parallel-seeds: only old/old, new/old, phi/old and each --methods query/old "
+                         "(no cheap baselines)")
     ap.add_argument("--methods", nargs="+", default=["xbt"],
                     help="trained methods (bench.compare's: xbt, base, lora_only, full_tune, ...); xbt among them")
     ap.add_argument("--base-from", metavar="DIR",
