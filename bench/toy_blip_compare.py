@@ -123,12 +123,12 @@ def xbt_only(cfg, out: Path, seeds: list[int], world_seed: int, n_boot: int, com
     for seed in seeds:
         ranks = {}
         for split in compare.SPLITS:
-            g = _views(cfg, out, seed, split)
-            v, c2i = g["views"], g["c2i"]
+            gs = {m: _views(cfg, out, seed, split, m) for m in methods}   # each loaded once
+            v, c2i = gs["xbt"]["views"], gs["xbt"]["c2i"]
             ranks[split] = {name: stats.per_query_ranks(v[q], v["old"], c2i)
                             for name, q in (("old/old", "old"), ("new/old", "new"), ("phi", "phi"))}
-            for m in methods:
-                ranks[split][m] = stats.per_query_ranks(_views(cfg, out, seed, split, m)["views"]["xbt"], v["old"], c2i)
+            for m, g in gs.items():       # each method's adapted query view ("xbt") vs the OLD gallery
+                ranks[split][m] = stats.per_query_ranks(g["views"]["xbt"], v["old"], c2i)
             ranks[split]["_c2i"] = c2i
         per_seed.append({"seed": seed, "ranks": ranks, "info": {}})
     summary = compare.summarize(per_seed, n_boot=n_boot)

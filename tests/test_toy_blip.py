@@ -109,9 +109,10 @@ def test_finished_toy_blips_are_reused_only_when_trained_as_asked(tmp_path):
     and names the difference, rather than mixing a model trained otherwise with what is derived from it."""
     from xbt_dist.artifacts import config_digest, write_manifest
     from xbt_dist.toy.base_blip import train_config, train_toy_blips
-    write_manifest(tmp_path / "train", "image-text-shards", config={"split": "train", "n": 512}, counts={"samples": 512})
+    train = write_manifest(tmp_path / "train", "image-text-shards", config={"split": "train", "n": 512},
+                           counts={"samples": 512})
     world = {"train": str(tmp_path / "train")}
-    want = train_config("old", world["train"], 20, 128, 0, 32)
+    want = train_config("old", train["config_digest"], 20, 128, 0, 32)
     _finished_model(tmp_path / "m", "old", {"steps": 80, "config": want, "config_digest": config_digest(want)})
     s = train_toy_blips(world, tmp_path / "m", epochs=20, roles=("old",))
     assert s["old"]["skipped"] and s["old"]["steps"] == 80

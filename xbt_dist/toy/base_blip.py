@@ -119,11 +119,11 @@ def model_ref(model_dir: str | Path, context_length: int = 32) -> ModelRef:
     return ModelRef(Path(model_dir).name, pretrained=str(model_dir), backend="hf_blip", context_length=context_length)
 
 
-def train_config(role: str, train_dir: str | Path, epochs: int, batch_size: int, seed: int,
+def train_config(role: str, train_digest: str, epochs: int, batch_size: int, seed: int,
                  context_length: int) -> dict:
     """What a toy BLIP's weights depend on: the role's architecture, the train split (its manifest's
     digest) and the recipe. Its digest, stored in train.json, decides whether a finished model is reused."""
-    return {"role": role, "train_data_digest": read_manifest(train_dir)["config_digest"], "epochs": epochs,
+    return {"role": role, "train_data_digest": train_digest, "epochs": epochs,
             "batch_size": batch_size, "seed": seed, "context_length": context_length,
             "init_range": TOY_INIT_RANGE}
 
@@ -154,12 +154,13 @@ def train_toy_blips(world: dict, out_dir: str | Path, epochs: int = 4, batch_siz
     """Train OLD then NEW toy BLIPs on the world's train/ split; a finished one is reused when it was
     trained on the same split with the same recipe, and a clear error is raised when it was not."""
     out_dir = Path(out_dir)
-    n_train = read_manifest(world["train"])["counts"]["samples"]
+    train = read_manifest(world["train"])
+    n_train = train["counts"]["samples"]
     data, summaries = None, {}
     for role in roles:
         d = out_dir / f"toy-blip-{role}"
         meta = d / "train.json"
-        want = train_config(role, world["train"], epochs, batch_size, seed, context_length)
+        want = train_config(role, train["config_digest"], epochs, batch_size, seed, context_length)
         if meta.is_file():
             s = json.loads(meta.read_text())
             _check_reusable(s, want, d, n_train)
