@@ -19,6 +19,11 @@ reuses every finished stage, so adding a method to a finished run trains only th
 A variant of stage 2 (`--set ...`) on the same world can take OLD and NEW from an earlier run with
 `--base-from <its --out>` instead of training them again; they are copied and checked against this
 run's world and base-model recipe.
+
+`--bases-only` stops after OLD and NEW: it scores them on the validation gallery alone (old/old,
+new/new, NEW's lead with paired intervals; `<out>/bases.{json,md}`), so that a world and its
+base-model recipe can be chosen on how far NEW leads OLD before anything about XBT on it is seen.
+A later full run on the same `--out` reuses the models.
 """
 
 from __future__ import annotations
@@ -137,17 +142,56 @@ def xbt_only(cfg, out: Path, seeds: list[int], world_seed: int, n_boot: int, com
     return {"summary": summary, "meta": meta, "markdown": compare.markdown(summary, meta)}
 
 
-def self_recalls(cfg, out: Path, seed: int, split: str, ks=(1, 5, 10)) -> dict:
-    """old/old and new/new recalls of the base models on a split's gallery (views cached by compare)."""
+def _recalls(views: dict, c2i, ks=(1, 5, 10)) -> tuple[dict, dict]:
+    """old/old and new/new recalls (same model for query and gallery), and the per-query ranks."""
     from xbt_dist.eval import stats
-    g = _views(cfg, out, seed, split)
-    c2i = g["c2i"]
-    res = {}
+    res, ranks = {}, {}
     for v in ("old", "new"):
-        r = stats.per_query_ranks(g["views"][v], g["views"][v], c2i)
+        ranks[v] = r = stats.per_query_ranks(views[v], views[v], c2i)
         res[f"{v}/{v}"] = {f"{d} R@{k}": round(float((np.asarray(r[d]) < k).mean()), 4)
                            for d in ("t2i", "i2t") for k in ks}
-    return res
+    return res, ranks
+
+
+def self_recalls(cfg, out: Path, seed: int, split: str, ks=(1, 5, 10)) -> dict:
+    """old/old and new/new recalls of the base models on a split's gallery (views cached by compare)."""
+    g = _views(cfg, out, seed, split)
+    return _recalls(g["views"], g["c2i"], ks)[0]
+
+
+def base_lead(cfg, split: str = "val", n_boot: int | None = None) -> dict:
+    """The untouched base models on a split's gallery, without any XBT run: old/old, new/new, and
+    NEW's lead (new/new - old/old per query, paired bootstrap 95% interval; t2i resampled by image).
+    `--bases-only` writes it, so that a world can be judged (is NEW clearly ahead of OLD?) before
+    anything about XBT on it is known."""
+    from xbt_dist.eval import stats
+    from xbt_dist.eval.evaluate import Towers, gallery_shards
+    from xbt_dist.models.encoders import load_encoder
+    towers = Towers(load_encoder(cfg.old), load_encoder(cfg.new))
+    s = towers.stream(gallery_shards(cfg, split), cfg.eval, "retrieval", f"{split} gallery")
+    views = {v: {m: x.float() for m, x in d.items()} for v, d in s.views.items()}
+    rec, ranks = _recalls(views, s.caption_to_image)
+    lead = {f"{d} R@{k}": stats.paired_bootstrap(np.asarray(ranks["new"][d]) < k, np.asarray(ranks["old"][d]) < k,
+                                                 groups=s.caption_to_image if d == "t2i" else None,
+                                                 n_boot=n_boot or stats.DEFAULT_BOOT)
+            for d in ("t2i", "i2t") for k in (1, 5)}
+    return {"split": split, **rec, "new_lead": lead}
+
+
+def write_bases(out: Path, command: str, a, base: dict, lead: dict) -> int:
+    """`--bases-only`'s report: <out>/bases.json and bases.md."""
+    world = {k: getattr(a, k) for k in ("world_seed", "n_train", "n_val", "epochs", "old_epochs", "batch_size")}
+    res = {"command": command, "world": world, "base_models": base, **lead}
+    (out / "bases.json").write_text(json.dumps(res, indent=1) + "\n")
+    losses = ", ".join(f"{r} ITC loss {b.get('final_loss')}" for r, b in base.items())
+    md = [f"# Toy BLIP base models on the {lead['split']} gallery\n", f"`{command}`\n", f"{losses}\n",
+          "| | " + " | ".join(lead["old/old"]) + " |", "|---" * (1 + len(lead["old/old"])) + "|"]
+    md += [f"| {c} | " + " | ".join(f"{v:.3f}" for v in lead[c].values()) + " |" for c in ("old/old", "new/new")]
+    md += ["", "NEW's lead (new/new - old/old) [95% CI]: " + "; ".join(
+        f"{k} {g['gain']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}]" for k, g in lead["new_lead"].items())]
+    (out / "bases.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0
 
 
 def main(argv=None) -> int:
@@ -175,6 +219,9 @@ def main(argv=None) -> int:
     ap.add_argument("--base-from", metavar="DIR",
                     help="copy OLD and NEW from an earlier run's --out instead of training them (they must "
                          "match this world and --epochs/--old-epochs/--batch-size, else an error)")
+    ap.add_argument("--bases-only", action="store_true",
+                    help="train (or reuse) OLD and NEW, score them on the validation gallery only (old/old, new/new, "
+                         "NEW's lead with intervals: <out>/bases.{json,md}) and stop: judge a world before any XBT run")
     ap.add_argument("--set", nargs="*", default=[], help="pipeline overrides (e.g. train.max_steps=4)")
     a = ap.parse_args(argv)
     if "xbt" not in a.methods:
@@ -203,6 +250,8 @@ def main(argv=None) -> int:
     _log(f"base models: {base}")
     cfg = toy_run_config(world, out, overrides=a.set)
     cfg.old, cfg.new = model_ref(out / "models" / "toy-blip-old"), model_ref(out / "models" / "toy-blip-new")
+    if a.bases_only:
+        return write_bases(out, command, a, base, base_lead(cfg, "val", a.boot))
     t = time.perf_counter()
     embed_for_config(cfg)
     seconds["embed"] = round(time.perf_counter() - t, 1)
