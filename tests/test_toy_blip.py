@@ -170,3 +170,31 @@ def test_blip_harness_scores_each_trained_method_against_the_old_gallery(tmp_pat
         assert max(s["base"]["recalls"]["t2i R@1"]) < 0.5              # Base's is noise
         assert s["base"]["xbt_minus"]["t2i R@1"]["lo"] > 0
     assert "Base (paper)" in res["markdown"] and res["meta"]["methods"] == ["xbt", "base"]
+
+
+def test_bases_only_scores_old_and_new_on_the_validation_gallery(tiny_cfg, tmp_path):
+    """`bench.toy_blip_compare --bases-only`: each base model retrieves from its own gallery, and NEW's
+    lead is new/new - old/old on the same queries, with an interval around it."""
+    import argparse
+
+    from hf_tiny import save_tiny_blip
+
+    from bench.toy_blip_compare import base_lead, write_bases
+    from xbt_dist.config import ModelRef
+    cfg = tiny_cfg
+    cfg.eval.val_shards = cfg.eval.eval_shards
+    ref = lambda d: ModelRef(d.name, pretrained=str(d), backend="hf_blip", context_length=24)   # noqa: E731
+    cfg.old = cfg.new = ref(save_tiny_blip(tmp_path / "blip-a", seed=0))
+    same = base_lead(cfg, "val", n_boot=200)
+    assert same["old/old"] == same["new/new"]
+    assert all(g["gain"] == 0 and g["lo"] == g["hi"] == 0 for g in same["new_lead"].values())
+    cfg.new = ref(save_tiny_blip(tmp_path / "blip-b", seed=1))
+    res = base_lead(cfg, "val", n_boot=200)
+    assert res["old/old"] == same["old/old"] and res["new/new"] != res["old/old"]
+    for k, g in res["new_lead"].items():
+        assert g["gain"] == pytest.approx(res["new/new"][k] - res["old/old"][k], abs=1e-3)
+        assert g["lo"] <= g["gain"] <= g["hi"]
+    a = argparse.Namespace(world_seed=0, n_train=8, n_val=12, epochs=1, old_epochs=None, batch_size=4)
+    write_bases(tmp_path, "cmd", a, {"old": {"final_loss": 1.0}, "new": {"final_loss": 0.5}}, res)
+    assert json.loads((tmp_path / "bases.json").read_text())["new_lead"]["t2i R@5"]["gain"] == res["new_lead"]["t2i R@5"]["gain"]
+    assert "NEW's lead" in (tmp_path / "bases.md").read_text()
