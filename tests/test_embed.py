@@ -168,3 +168,50 @@ def test_embedding_manifest_carries_the_model_file_digest(tmp_path, tiny):
     recorded = EmbeddingShardSet(tmp_path / "e", require_complete=True).manifest["inputs"]["models"]["old"]
     digest = hashlib.sha256(open(tiny["old_checkpoint"], "rb").read()).hexdigest()
     assert recorded["sha256"] == digest and recorded["pretrained"] == tiny["old_checkpoint"]
+
+
+def test_a_set_begun_by_one_model_refuses_another(tmp_path, tiny):
+    """A rerun skips the shards already there; had another model made them, the set would mix two
+    embedding spaces. Caught by the weight digest even at the same path (a model retrained in place),
+    for a set left half done and for a finished one."""
+    import shutil
+
+    import torch
+
+    from xbt_dist.config import ModelRef
+    write_image_text_shards(tmp_path / "s", n_shards=2, per_shard=3)
+    ckpt = tmp_path / "old.pt"
+    shutil.copy(tiny["old_checkpoint"], ckpt)
+    ref = ModelRef(arch=tiny["old_arch"], pretrained=str(ckpt), config_dir=tiny["models_dir"])
+    fields, out = ["image_old", "text_old"], tmp_path / "e"
+
+    def retrain_in_place():
+        sd = torch.load(ckpt, weights_only=False)
+        sd = sd.get("state_dict", sd)
+        torch.save({k: v + 0.01 if v.is_floating_point() else v for k, v in sd.items()}, ckpt)
+
+    embed_shards(tmp_path / "s", out, {"old": ref}, fields, shards=["shard-000"], progress=None)  # interrupted
+    retrain_in_place()
+    with pytest.raises(ValueError, match=r"'old': .* there, .* now.*another directory"):
+        embed_shards(tmp_path / "s", out, {"old": ref}, fields, progress=None)
+    shutil.copy(tiny["old_checkpoint"], ckpt)          # the model that began the set: the rerun resumes
+    assert embed_shards(tmp_path / "s", out, {"old": ref}, fields, progress=None)["written"] == 1
+    assert EmbeddingShardSet(out, require_complete=True).counts() == {"shard-000": 3, "shard-001": 3}
+    retrain_in_place()
+    with pytest.raises(ValueError, match="mix two embedding spaces"):
+        embed_shards(tmp_path / "s", out, {"old": ref}, fields, progress=None)
+
+
+def test_a_save_pretrained_directory_has_a_weight_digest(tmp_path):
+    """Model directories (hf_blip, hf_clip) get a digest of config + weights, so `xbt serve`, the index
+    and the embedding record tell a retrained directory from the one they were made with."""
+    from hf_tiny import save_tiny_blip
+
+    from xbt_dist.index.identity import model_identity, same_model
+    d = save_tiny_blip(tmp_path / "blip", seed=0)
+    a = model_identity({"arch": "blip", "pretrained": str(d)})
+    (d / "vocab.txt").write_text((d / "vocab.txt").read_text() + "extra\n")     # not the model's weights
+    assert a["sha256"] and same_model(a, model_identity({"arch": "blip", "pretrained": str(d)}))
+    save_tiny_blip(d, seed=1)                                                   # retrained in place
+    b = model_identity({"arch": "blip", "pretrained": str(d)})
+    assert b["sha256"] and not same_model(a, b)

@@ -4,7 +4,9 @@
 fields, L2-normalises them and atomically writes shard `X` (npy layout, see embeddings.py). Shards
 already written with all requested fields are skipped, so an interrupted run just reruns; the
 distributed runner (distributed/embed_job.py) calls it on small groups of shards from a task queue and
-writes the manifest once the whole set is there.
+writes the manifest once the whole set is there. Which models a set is being made with is recorded
+(`embedding_models.json`, identities with weight digests) before its first shard is written; a rerun
+into the same directory with another model is refused rather than mixing two embedding spaces.
 
 Throughput: a shard is read through a DataLoader (`decode_workers` processes). Each decode worker
 takes every `decode_workers`-th batch of the shard's raw samples (batches are cut over raw sample
@@ -153,6 +155,41 @@ def _describe(value: Any) -> Any:
     return getattr(value, "__name__", type(value).__name__)
 
 
+MODELS_RECORD = "embedding_models.json"
+
+
+def _recorded_models(out_dir: Path) -> dict:
+    """The models an embedding set was begun with: its record, else its finished manifest's."""
+    import json
+    for path, get in ((out_dir / MODELS_RECORD, lambda m: m),
+                      (out_dir / "manifest.json", lambda m: m.get("inputs", {}).get("models", {}))):
+        if path.is_file():
+            return get(json.loads(path.read_text())) or {}
+    return {}
+
+
+def record_models(out_dir, models: dict[str, Any]) -> None:
+    """Check `models` ({role or field: identity}) against those `out_dir`'s shards were made with, then
+    record them. Shards already there are skipped on a rerun; had another model made them, the set
+    would silently mix two embedding spaces, so a different model is an error naming the fix."""
+    import json
+
+    from xbt_dist.artifacts import atomic_write_text
+    from xbt_dist.index.identity import describe, same_model
+    out_dir = Path(out_dir)
+    recorded = _recorded_models(out_dir)
+    clash = [f"'{k}': {describe(recorded[k])} there, {describe(v)} now" for k, v in models.items()
+             if isinstance(v, dict) and isinstance(recorded.get(k), dict) and not same_model(recorded[k], v)]
+    if clash:
+        raise ValueError(f"{out_dir} holds embeddings made by other models ({'; '.join(clash)}); adding to it would "
+                         f"mix two embedding spaces in one set. Embed into another directory, or delete {out_dir} "
+                         "to embed it again with these models")
+    merged = {**recorded, **models}
+    if merged != recorded or not (out_dir / MODELS_RECORD).is_file():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / MODELS_RECORD, json.dumps(merged, indent=2) + "\n")
+
+
 def _shard_done(out_dir, name: str, fields: Sequence[str]) -> bool:
     out_dir = Path(out_dir)
     if (out_dir / f"{name}{KEYS_SUFFIX}").is_file():  # npy layout: keys are written last
@@ -286,6 +323,7 @@ def embed_shards(src, out_dir, encoders: dict[str, Any], fields: Sequence[str],
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fes = None  # encoders are built lazily: a fully-done rerun never loads a model
+    models = {k: _describe(v) for k, v in encoders.items()}
     stats: Counter = Counter()
     done_before = written = samples = 0
     t0 = time.time()
@@ -297,6 +335,7 @@ def embed_shards(src, out_dir, encoders: dict[str, Any], fields: Sequence[str],
         if before_shard is not None:
             before_shard(name)
         if fes is None:
+            record_models(out_dir, models)   # before the first shard: a rerun can tell who made them
             fes = resolve_field_encoders(encoders, fields, device)
         keys, arrays = embed_one_shard(shard, fes, fields, batch_size, stats, decode_workers,
                                        pin_memory=device is not None and torch.device(device).type == "cuda")
@@ -314,8 +353,8 @@ def embed_shards(src, out_dir, encoders: dict[str, Any], fields: Sequence[str],
                      f"skipped {dict(stats) or 0} | {name}")
     complete = all(_shard_done(out_dir, shard_name(s), fields) for s in all_shards)
     if manifest and complete:
-        write_embedding_manifest(out_dir, source=str(src),
-                                 models={k: _describe(v) for k, v in encoders.items()},
+        record_models(out_dir, models)       # a set finished by other models is refused here too
+        write_embedding_manifest(out_dir, source=str(src), models=models,
                                  config={"fields": fields, "batch_size": batch_size})
     return {"written": written, "already_done": done_before, "samples": samples,
             "skipped": dict(stats), "complete": complete}

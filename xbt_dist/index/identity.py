@@ -1,7 +1,8 @@
 """Model identities: which weights made a set of embeddings, so an index and a run can be matched.
 
 An identity is `{"arch", "pretrained", "sha256"}`; `sha256` is the digest of the local checkpoint
-file (None for an open_clip pretrained tag, whose name is the identity). Two identities are the
+file, or of a `save_pretrained` directory's config and weight files (None for an open_clip
+pretrained tag, whose name is the identity). Two identities are the
 same model when their digests agree, or, when either lacks a digest, when arch and pretrained agree.
 A gallery embedded by one old model and queried through phi trained against another gives silently
 wrong results (the spaces differ), which is why `xbt serve` refuses such a pairing.
@@ -31,6 +32,24 @@ def file_sha256(path: str | os.PathLike) -> str:
     return _DIGESTS[key]
 
 
+# What decides a save_pretrained directory's outputs: its config and its weights (tokenizer and
+# preprocessor files change inputs, not the model, and are not hashed).
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def dir_sha256(path: str | os.PathLike) -> str | None:
+    """Digest of a model directory: the names and sha256s of its config.json and weight files (None
+    when it has neither), so a model retrained into the same directory gets another identity."""
+    files = sorted(f for f in Path(path).iterdir()
+                   if f.is_file() and (f.suffix in WEIGHT_SUFFIXES or f.name == "config.json"))
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.name}\0{file_sha256(f)}\n".encode())
+    return h.hexdigest()
+
+
 def model_identity(ref: Any) -> dict:
     """Identity of a `ModelRef` (or its dict form from a manifest)."""
     if isinstance(ref, dict):
@@ -40,6 +59,8 @@ def model_identity(ref: Any) -> dict:
     sha = None
     if pretrained and Path(str(pretrained)).is_file():
         sha = file_sha256(pretrained)
+    elif pretrained and Path(str(pretrained)).is_dir():
+        sha = dir_sha256(pretrained)
     return {"arch": arch, "pretrained": pretrained, "sha256": sha}
 
 
