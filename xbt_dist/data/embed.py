@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
 import time
 from collections import Counter
 from pathlib import Path
@@ -158,11 +159,18 @@ def _describe(value: Any) -> Any:
 MODELS_RECORD = "embedding_models.json"
 
 
+def describe_encoders(encoders: dict[str, Any]) -> dict[str, Any]:
+    """{role or field: identity (a callable: its name)}: what the record and the manifest hold."""
+    return {k: _describe(v) for k, v in encoders.items()}
+
+
 def _recorded_models(out_dir: Path) -> dict:
     """The models an embedding set was begun with: its record, else its finished manifest's."""
     import json
+
+    from xbt_dist.artifacts import MANIFEST
     for path, get in ((out_dir / MODELS_RECORD, lambda m: m),
-                      (out_dir / "manifest.json", lambda m: m.get("inputs", {}).get("models", {}))):
+                      (out_dir / MANIFEST, lambda m: m.get("inputs", {}).get("models", {}))):
         if path.is_file():
             return get(json.loads(path.read_text())) or {}
     return {}
@@ -323,7 +331,8 @@ def embed_shards(src, out_dir, encoders: dict[str, Any], fields: Sequence[str],
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fes = None  # encoders are built lazily: a fully-done rerun never loads a model
-    models = {k: _describe(v) for k, v in encoders.items()}
+    # Identities hash checkpoint files: only when a shard or the manifest is written, once.
+    models = functools.cache(lambda: describe_encoders(encoders))
     stats: Counter = Counter()
     done_before = written = samples = 0
     t0 = time.time()
@@ -335,7 +344,7 @@ def embed_shards(src, out_dir, encoders: dict[str, Any], fields: Sequence[str],
         if before_shard is not None:
             before_shard(name)
         if fes is None:
-            record_models(out_dir, models)   # before the first shard: a rerun can tell who made them
+            record_models(out_dir, models())   # before the first shard: a rerun can tell who made them
             fes = resolve_field_encoders(encoders, fields, device)
         keys, arrays = embed_one_shard(shard, fes, fields, batch_size, stats, decode_workers,
                                        pin_memory=device is not None and torch.device(device).type == "cuda")
@@ -353,8 +362,8 @@ def embed_shards(src, out_dir, encoders: dict[str, Any], fields: Sequence[str],
                      f"skipped {dict(stats) or 0} | {name}")
     complete = all(_shard_done(out_dir, shard_name(s), fields) for s in all_shards)
     if manifest and complete:
-        record_models(out_dir, models)       # a set finished by other models is refused here too
-        write_embedding_manifest(out_dir, source=str(src), models=models,
+        record_models(out_dir, models())     # a set finished by other models is refused here too
+        write_embedding_manifest(out_dir, source=str(src), models=models(),
                                  config={"fields": fields, "batch_size": batch_size})
     return {"written": written, "already_done": done_before, "samples": samples,
             "skipped": dict(stats), "complete": complete}

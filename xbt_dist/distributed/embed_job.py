@@ -129,7 +129,7 @@ def embed_on_ray(src: str, out_dir: str, encoders: dict[str, Any], fields: Seque
     """
     import ray
 
-    from xbt_dist.data.embed import _describe, embed_shards, record_models
+    from xbt_dist.data.embed import describe_encoders, embed_shards, record_models
     from xbt_dist.data.shards import shard_name, shard_sizes
     from xbt_dist.distributed.ray_runner import connect_ray
 
@@ -140,7 +140,7 @@ def embed_on_ray(src: str, out_dir: str, encoders: dict[str, Any], fields: Seque
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     todo = pending_shards(src, out_dir, fields)
     if todo:    # once, before any task: the tasks then only find their own models recorded
-        record_models(out_dir, {k: _describe(v) for k, v in encoders.items()})
+        record_models(out_dir, describe_encoders(encoders))
     started = connect_ray(d, include_dashboard=include_dashboard)
     reports: list[dict] = []
     failed: dict[str, str] = {}
